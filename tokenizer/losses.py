@@ -1,0 +1,59 @@
+"""Tokenizer losses (paper Eq. 1, 9, 10, 12), as small callables beside the networks.
+
+Each returns a per-sample tensor (B,) or a scalar as documented, so training code can weight, average and
+log them (e.g. by time quartile) without reaching into the networks.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+
+def _per_sample_mean(x: torch.Tensor) -> torch.Tensor:
+    return x.flatten(1).mean(dim=1)  # (B,)
+
+
+def velocity_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Score/velocity matching ‖G(x_t, t, z) − (ε − γ·x)‖² (Eq. 9), mean over pixels: (B,)."""
+    return _per_sample_mean((prediction.float() - target.float()) ** 2)
+
+
+def reconstruction_loss(reconstruction: torch.Tensor, target: torch.Tensor, kind: str = "l1") -> torch.Tensor:
+    """The baseline VAE's L_rec (Eq. 1): L1 or L2 per sample, (B,)."""
+    difference = reconstruction.float() - target.float()
+    if kind == "l1":
+        return _per_sample_mean(difference.abs())
+    if kind == "l2":
+        return _per_sample_mean(difference**2)
+    raise ValueError(f"unknown reconstruction loss {kind!r}; choose 'l1' or 'l2'")
+
+
+def trajectory_pair(x_start: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
+    """Discriminator input for trajectory matching (Eq. 11-12): the start point next to x_t, (B, 6, H, W)."""
+    return torch.cat([x_start, x_t], dim=1)
+
+
+def generator_adversarial_loss(fake_logits: torch.Tensor) -> torch.Tensor:
+    """Non-saturating generator loss −log D(fake) = softplus(−logit), mean over patches: (B,)."""
+    return _per_sample_mean(F.softplus(-fake_logits.float()))
+
+
+def discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+    """−log D(real) − log(1 − D(fake)) (Eq. 12 from the discriminator's side), scalar."""
+    return F.softplus(-real_logits.float()).mean() + F.softplus(fake_logits.float()).mean()
+
+
+def r1_penalty(
+    discriminator: Callable[..., torch.Tensor], real_inputs: torch.Tensor, *disc_args, **disc_kwargs
+) -> torch.Tensor:
+    """R1 = E‖∇_x D(x)‖² on real inputs (Mescheder et al. 2018), scalar; differentiable for the D update.
+
+    Only the discriminator's input image gets a gradient penalty; time or other conditioning args are passed
+    through unchanged.
+    """
+    real_inputs = real_inputs.detach().requires_grad_(True)
+    logits = discriminator(real_inputs, *disc_args, **disc_kwargs)
+    (gradient,) = torch.autograd.grad(logits.float().sum(), real_inputs, create_graph=True)
+    return gradient.pow(2).flatten(1).sum(dim=1).mean()
