@@ -1,0 +1,539 @@
+"""Latent shards (stage-2 storage): write per rank, merge a manifest, verify, and read for DiT training.
+
+Layout of `out_dir`:
+    rank00000-000000.tar        webdataset shard: samples {__key__, latent.safetensors, cls}
+    rank00000-000000.tar.json   sidecar, written after the shard is renamed into place: count, sha256, keys,
+                                latent shape/dtype, streaming stats, input files skipped while filling it
+    manifest.json               `merge_manifests`: everything a reader needs (see `merge_manifests`)
+
+Each `latent.safetensors` holds the encoder's posterior moments of the ADM center crop and of its horizontal
+flip: `mean`, `logvar`, `mean_flip`, `logvar_flip`, each (C, h, w). DiT trains with random flips (paper C.3),
+and flipping a latent is not the same as encoding a flipped image, so both are stored.
+
+Normalisation statistics are per-channel mean and std accumulated in float64 from the posterior *means*
+(unflipped and flipped, since the reader draws both equally often) as exact sums, sums of squares and counts,
+so per-rank partial stats merge exactly. They ignore the posterior variance; the manifest also records the mean
+posterior variance per channel so a reader can see how much that matters (std of sampled latents² = std² +
+that). This replaces a hand-set scale such as SD's 0.18215: the numbers travel in the manifest.
+
+Atomicity and resume: a shard is written as `<name>.tmp`, flushed, renamed, and only then its sidecar is
+written (itself via a temp name). A shard counts as complete iff its sidecar exists. A new writer with the same
+prefix skips complete shards (`done_keys`, `samples_done`) and deletes leftover `.tmp` files. Ranks use
+distinct prefixes (`rank_prefix(rank)`), so no two processes ever write the same file.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import logging
+import os
+import random
+import tarfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+import webdataset as wds
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from data.images import Skipped
+from data.sharding import ShardSource, SkipCounter, keep_my_samples, worker_slot
+
+logger = logging.getLogger(__name__)
+
+MOMENT_KEYS = ("mean", "logvar", "mean_flip", "logvar_flip")
+LATENT_FIELD = "latent.safetensors"
+MANIFEST_NAME = "manifest.json"
+MANIFEST_FORMAT = "epsvae-latent-shards/1"
+BAD_SHARD_POLICIES = ("raise", "skip")
+
+
+def rank_prefix(rank: int) -> str:
+    return f"rank{rank:05d}"
+
+
+def file_sha256(path: str, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_json_atomic(path: str, payload: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as handle:
+        json.dump(payload, handle, indent=1)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+# --- statistics ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ChannelStats:
+    """Exact, mergeable per-channel sums in float64: count (elements per channel), Σx, Σx², Σ exp(logvar)."""
+
+    count: int = 0
+    total: list[float] = field(default_factory=list)
+    total_sq: list[float] = field(default_factory=list)
+    total_var: list[float] = field(default_factory=list)
+
+    def update(self, mean: torch.Tensor, logvar: torch.Tensor) -> None:
+        """Add one posterior: mean and logvar are (C, h, w)."""
+        mean64 = mean.detach().to(torch.float64).flatten(1)  # (C, h·w)
+        var64 = logvar.detach().to(torch.float64).exp().flatten(1)  # (C, h·w)
+        if not self.total:
+            channels = mean64.shape[0]
+            self.total, self.total_sq, self.total_var = [0.0] * channels, [0.0] * channels, [0.0] * channels
+        sums, sums_sq, sums_var = mean64.sum(1).tolist(), (mean64**2).sum(1).tolist(), var64.sum(1).tolist()
+        self.total = [a + b for a, b in zip(self.total, sums)]
+        self.total_sq = [a + b for a, b in zip(self.total_sq, sums_sq)]
+        self.total_var = [a + b for a, b in zip(self.total_var, sums_var)]
+        self.count += mean64.shape[1]
+
+    def merge(self, other: ChannelStats) -> ChannelStats:
+        """Exact combination of two partial sums (e.g. two shards or two ranks)."""
+        if not other.total or not self.total:
+            source = self if self.total else other
+            return ChannelStats(source.count, list(source.total), list(source.total_sq), list(source.total_var))
+        if len(other.total) != len(self.total):
+            raise ValueError(f"cannot merge stats over {len(self.total)} and {len(other.total)} channels")
+
+        def add(a: list[float], b: list[float]) -> list[float]:
+            return [x + y for x, y in zip(a, b)]
+
+        return ChannelStats(
+            self.count + other.count,
+            add(self.total, other.total),
+            add(self.total_sq, other.total_sq),
+            add(self.total_var, other.total_var),
+        )
+
+    def mean(self) -> list[float]:
+        return [s / self.count for s in self.total]
+
+    def std(self) -> list[float]:
+        """Population std: sqrt(E[x²] - E[x]²), clamped at 0 against rounding."""
+        means = self.mean()
+        return [max(sq / self.count - m * m, 0.0) ** 0.5 for sq, m in zip(self.total_sq, means)]
+
+    def mean_posterior_variance(self) -> list[float]:
+        return [v / self.count for v in self.total_var]
+
+    def to_dict(self) -> dict:
+        return {"count": self.count, "sum": self.total, "sum_sq": self.total_sq, "sum_posterior_var": self.total_var}
+
+    @classmethod
+    def from_dict(cls, payload: dict) -> ChannelStats:
+        return cls(payload["count"], payload["sum"], payload["sum_sq"], payload["sum_posterior_var"])
+
+
+# --- writer -------------------------------------------------------------------------------------------------
+
+
+class LatentShardWriter:
+    """Writes one rank's latent shards atomically and resumably (see module docstring).
+
+    Usage: `with LatentShardWriter(out, rank_prefix(rank), 1000) as w:` then for each input not in
+    `w.done_keys`, `w.write(key, cls, mean, logvar, mean_flip, logvar_flip)`; `w.add_skipped(path, reason)`
+    for inputs that could not be encoded.
+    """
+
+    def __init__(self, out_dir: str, prefix: str, samples_per_shard: int):
+        if samples_per_shard < 1:
+            raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
+        if not prefix or "/" in prefix or "-" in prefix:
+            raise ValueError(f"prefix must be a plain name without '/' or '-', got {prefix!r}")
+        os.makedirs(out_dir, exist_ok=True)
+        self.out_dir, self.prefix, self.samples_per_shard = out_dir, prefix, samples_per_shard
+        for leftover in glob.glob(os.path.join(out_dir, f"{prefix}-*.tmp")):
+            logger.warning("discarding partial shard %s from an interrupted run", leftover)
+            os.remove(leftover)
+        self.done_keys: set[str] = set()
+        self.samples_done = 0
+        self.next_index = 0
+        for sidecar in sorted(glob.glob(os.path.join(out_dir, f"{prefix}-*.tar.json"))):
+            with open(sidecar) as handle:
+                record = json.load(handle)
+            if not os.path.isfile(sidecar[: -len(".json")]):
+                raise FileNotFoundError(f"{sidecar} exists but its shard is missing; delete the sidecar to redo it")
+            self.done_keys.update(record["keys"])
+            self.samples_done += record["count"]
+            self.next_index = max(self.next_index, int(record["shard"].rsplit("-", 1)[1].split(".")[0]) + 1)
+        self._tar: wds.TarWriter | None = None
+        self._keys: list[str] = []
+        self._skipped: list[Skipped] = []
+        self._stats = ChannelStats()
+        self._shape: list[int] | None = None
+        self._dtype: str | None = None
+        self.shards_written: list[str] = []
+
+    def _shard_name(self) -> str:
+        return f"{self.prefix}-{self.next_index:06d}.tar"
+
+    def write(
+        self,
+        key: str,
+        cls: int,
+        mean: torch.Tensor,
+        logvar: torch.Tensor,
+        mean_flip: torch.Tensor,
+        logvar_flip: torch.Tensor,
+    ) -> bool:
+        """Add one sample (moments are (C, h, w), any float dtype); returns False if `key` was already done."""
+        if key in self.done_keys:
+            return False
+        if "." in key or "/" in key:
+            raise ValueError(f"sample key {key!r} must not contain '.' or '/' (webdataset splits on them)")
+        moments = dict(zip(MOMENT_KEYS, (mean, logvar, mean_flip, logvar_flip)))
+        shapes = {name: list(t.shape) for name, t in moments.items()}
+        if len({tuple(s) for s in shapes.values()}) != 1 or len(shapes["mean"]) != 3:
+            raise ValueError(f"{key}: moments must share one (C, h, w) shape, got {shapes}")
+        dtype = str(mean.dtype).removeprefix("torch.")
+        if self._shape is None:
+            self._shape, self._dtype = shapes["mean"], dtype
+        elif shapes["mean"] != self._shape or dtype != self._dtype:
+            raise ValueError(f"{key}: latent {shapes['mean']} {dtype} differs from {self._shape} {self._dtype}")
+        if self._tar is None:
+            self._tar = wds.TarWriter(os.path.join(self.out_dir, self._shard_name() + ".tmp"), mtime=0.0)
+        blob = save_safetensors({name: t.detach().cpu().contiguous() for name, t in moments.items()})
+        self._tar.write({"__key__": key, LATENT_FIELD: blob, "cls": str(int(cls)).encode("ascii")})
+        self._keys.append(key)
+        self.done_keys.add(key)
+        self._stats.update(mean, logvar)
+        self._stats.update(mean_flip, logvar_flip)
+        if len(self._keys) == self.samples_per_shard:
+            self._finish_shard()
+        return True
+
+    def add_skipped(self, path: str, reason: str) -> None:
+        """Record an input that could not be encoded; it lands in the current shard's sidecar."""
+        self._skipped.append(Skipped(path, reason))
+
+    def _finish_shard(self) -> None:
+        name = self._shard_name()
+        final = os.path.join(self.out_dir, name)
+        if self._tar is not None:
+            self._tar.close()
+            with open(final + ".tmp", "rb") as handle:
+                os.fsync(handle.fileno())
+            os.replace(final + ".tmp", final)
+            sha = file_sha256(final)
+        elif not self._skipped:
+            return
+        else:  # only skipped inputs since the last shard: an empty sidecar-only record keeps them
+            tarfile.open(final, "w").close()
+            sha = file_sha256(final)
+        record = {
+            "shard": name,
+            "count": len(self._keys),
+            "sha256": sha,
+            "bytes": os.path.getsize(final),
+            "latent_shape": self._shape,
+            "latent_dtype": self._dtype,
+            "keys": self._keys,
+            "stats": self._stats.to_dict(),
+            "skipped": [list(s) for s in self._skipped],
+        }
+        _write_json_atomic(final + ".json", record)
+        self.shards_written.append(name)
+        self.samples_done += len(self._keys)
+        self.next_index += 1
+        self._tar, self._keys, self._skipped, self._stats = None, [], [], ChannelStats()
+
+    def close(self) -> None:
+        """Complete the last, partly filled shard."""
+        self._finish_shard()
+
+    def __enter__(self) -> LatentShardWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        elif self._tar is not None:  # leave the .tmp for the next run to discard; never mark it complete
+            self._tar.close()
+
+
+# --- manifest -----------------------------------------------------------------------------------------------
+
+
+def _read_sidecars(out_dir: str) -> list[dict]:
+    records = []
+    for sidecar in sorted(glob.glob(os.path.join(out_dir, "*.tar.json"))):
+        with open(sidecar) as handle:
+            records.append(json.load(handle))
+    if not records:
+        raise FileNotFoundError(f"{out_dir}: no completed shards (*.tar.json sidecars)")
+    return records
+
+
+def merge_manifests(
+    out_dir: str,
+    *,
+    tokenizer_config: dict,
+    tokenizer_weights_sha256: str,
+    class_names: Sequence[str],
+    extra: dict | None = None,
+) -> dict:
+    """Merge every rank's sidecars into `out_dir/manifest.json` (main process, after all ranks finished).
+
+    Stats merge exactly (sums, sums of squares, counts). Returns the manifest.
+    """
+    records = _read_sidecars(out_dir)
+    filled = [r for r in records if r["count"] > 0]
+    if not filled:
+        raise ValueError(f"{out_dir}: every completed shard is empty; nothing was encoded")
+    layouts = {(tuple(r["latent_shape"]), r["latent_dtype"]) for r in filled}
+    if len(layouts) != 1:
+        raise ValueError(f"{out_dir}: shards disagree on latent shape/dtype: {sorted(layouts)}")
+    (shape, dtype), = layouts
+    stats = ChannelStats()
+    for record in filled:
+        stats = stats.merge(ChannelStats.from_dict(record["stats"]))
+    keys = [k for r in records for k in r["keys"]]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"{out_dir}: the same sample key appears in more than one shard")
+    if not class_names:
+        raise ValueError("class_names must not be empty")
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "num_samples": len(keys),
+        "latent_shape": list(shape),
+        "latent_dtype": dtype,
+        "moments": list(MOMENT_KEYS),
+        "tokenizer": {"config": tokenizer_config, "weights_sha256": tokenizer_weights_sha256},
+        "num_classes": len(class_names),
+        "class_names": list(class_names),
+        "latent_mean": stats.mean(),
+        "latent_std": stats.std(),
+        "latent_mean_posterior_variance": stats.mean_posterior_variance(),
+        "stats_source": "float64 sums over posterior means of center crops and their flips",
+        "stats": stats.to_dict(),
+        "shards": [
+            {"name": r["shard"], "count": r["count"], "sha256": r["sha256"], "bytes": r["bytes"]} for r in records
+        ],
+        "skipped": [{"path": p, "reason": why} for r in records for p, why in r["skipped"]],
+        **(extra or {}),
+    }
+    _write_json_atomic(os.path.join(out_dir, MANIFEST_NAME), manifest)
+    return manifest
+
+
+def load_manifest(out_dir: str) -> dict:
+    path = os.path.join(out_dir, MANIFEST_NAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} missing: run merge_manifests after caching latents")
+    with open(path) as handle:
+        manifest = json.load(handle)
+    if manifest.get("format") != MANIFEST_FORMAT:
+        raise ValueError(f"{path}: format {manifest.get('format')!r}, expected {MANIFEST_FORMAT!r}")
+    return manifest
+
+
+@dataclass
+class VerifyReport:
+    """Result of `verify_shards`: `bad` maps a shard name to what is wrong with it."""
+
+    num_shards: int
+    num_samples: int
+    bad: dict[str, str]
+    unlisted: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return not self.bad
+
+
+def _count_samples(path: str) -> int:
+    """Decode every sample of a shard (the tar structure and each safetensors blob); raises on damage."""
+    keys = set()
+    with tarfile.open(path, "r") as archive:
+        for member in archive:
+            if not member.isfile():
+                continue
+            key, _, suffix = member.name.partition(".")
+            data = archive.extractfile(member).read()
+            if suffix == LATENT_FIELD:
+                moments = load_safetensors(data)
+                if set(moments) != set(MOMENT_KEYS):
+                    raise ValueError(f"sample {key} has tensors {sorted(moments)}")
+            keys.add(key)
+    return len(keys)
+
+
+def verify_shards(out_dir: str) -> VerifyReport:
+    """Re-read every shard in the manifest; check sha256 and sample counts, naming each bad shard."""
+    manifest = load_manifest(out_dir)
+    bad: dict[str, str] = {}
+    total = 0
+    for shard in manifest["shards"]:
+        path = os.path.join(out_dir, shard["name"])
+        if not os.path.isfile(path):
+            bad[shard["name"]] = "missing"
+            continue
+        problems = []
+        sha = file_sha256(path)
+        if sha != shard["sha256"]:
+            problems.append(f"sha256 {sha[:12]}… != manifest {shard['sha256'][:12]}…")
+        try:
+            count = _count_samples(path)
+            total += count
+            if count != shard["count"]:
+                problems.append(f"{count} samples != manifest {shard['count']}")
+        except Exception as exc:
+            problems.append(f"unreadable: {type(exc).__name__}: {exc}")
+        if problems:
+            bad[shard["name"]] = "; ".join(problems)
+    listed = {s["name"] for s in manifest["shards"]}
+    on_disk = (os.path.basename(p) for p in glob.glob(os.path.join(out_dir, "*.tar")))
+    unlisted = sorted(name for name in on_disk if name not in listed)
+    return VerifyReport(len(manifest["shards"]), total, bad, unlisted)
+
+
+# --- reader -------------------------------------------------------------------------------------------------
+
+
+class _BadShardPolicy(SkipCounter):
+    """Tar/decode failures in latent shards: raise naming the shard, or skip and count."""
+
+    def __init__(self, policy: str):
+        if policy not in BAD_SHARD_POLICIES:
+            raise ValueError(f"unknown on_bad_shard {policy!r}; choose from {BAD_SHARD_POLICIES}")
+        super().__init__(strict=False, what="latent shard data")
+        self.policy = policy
+
+    def __call__(self, exn: Exception) -> bool:
+        if self.policy == "raise":
+            where = next((str(a) for a in reversed(exn.args) if isinstance(a, str) and ".tar" in a), "?")
+            raise RuntimeError(f"bad latent shard {where}: {type(exn).__name__}: {exn.args[0] if exn.args else exn}")
+        return super().__call__(exn)
+
+
+def _decode_latent(sample: dict) -> tuple[dict[str, torch.Tensor], int, str]:
+    where = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
+    try:
+        moments = load_safetensors(bytes(sample[LATENT_FIELD]))
+        label = int(bytes(sample["cls"]).decode("ascii"))
+    except Exception as exc:
+        raise ValueError(f"cannot decode sample: {type(exc).__name__}: {exc}", where) from exc
+    return moments, label, where
+
+
+def _latents_stage(
+    samples: Iterator[dict],
+    source: ShardSource,
+    policy: _BadShardPolicy,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    flip: bool,
+    sample_posterior: bool,
+) -> Iterator[tuple[torch.Tensor, int]]:
+    """Pick flipped/unflipped moments, sample z = mean + exp(logvar/2)·ε, normalise: (C, h, w) float32."""
+    slot, _ = worker_slot(source.rank, source.world_size)
+    generator = torch.Generator().manual_seed((source.seed * 1_000_003 + source.epoch) * 100_003 + slot)
+    for sample in samples:
+        try:
+            moments, label, _ = _decode_latent(sample)
+        except ValueError as exn:
+            policy(exn)  # raises (naming the shard) or counts
+            continue
+        use_flip = flip and bool(torch.rand((), generator=generator) < 0.5)
+        mean = moments["mean_flip" if use_flip else "mean"].float()  # (C, h, w)
+        if sample_posterior:
+            logvar = moments["logvar_flip" if use_flip else "logvar"].float()
+            mean = mean + (0.5 * logvar).exp() * torch.randn(mean.shape, generator=generator)
+        yield (mean - shift) / scale, label
+
+
+class LatentShardDataset(wds.DataPipeline):
+    """Iterable dataset of `(latent (C, h, w) float32, normalised; class_index int)` from a shard directory.
+
+    Split by rank and worker as in `data.sharding`; `resampled=True` (default, for multi-epoch training) draws
+    shards with replacement forever, `resampled=False` gives exactly-once epochs (evaluation, tests).
+    """
+
+    def __init__(
+        self,
+        out_dir: str,
+        rank: int = 0,
+        world_size: int = 1,
+        *,
+        resampled: bool = True,
+        shuffle_buffer: int = 1000,
+        seed: int = 0,
+        flip: bool = True,
+        sample_posterior: bool = True,
+        normalize: bool = True,
+        on_bad_shard: str = "raise",
+    ):
+        self.manifest = load_manifest(out_dir)
+        urls = [os.path.join(out_dir, s["name"]) for s in self.manifest["shards"] if s["count"] > 0]
+        self.source = ShardSource(urls, rank, world_size, shuffle=True, resampled=resampled, seed=seed)
+        self.bad_shards = _BadShardPolicy(on_bad_shard)
+        channels = self.manifest["latent_shape"][0]
+        shift = torch.tensor(self.manifest["latent_mean"] if normalize else [0.0] * channels).view(-1, 1, 1)
+        scale = torch.tensor(self.manifest["latent_std"] if normalize else [1.0] * channels).view(-1, 1, 1)
+        stages = [
+            self.source,
+            wds.tarfile_to_samples(handler=self.bad_shards),
+            partial(keep_my_samples, source=self.source),
+        ]
+        if shuffle_buffer > 0:
+            stages.append(partial(_shuffle_stage, buffer=shuffle_buffer, source=self.source))
+        stages.append(
+            partial(
+                _latents_stage,
+                source=self.source,
+                policy=self.bad_shards,
+                shift=shift.float(),
+                scale=scale.float().clamp_min(1e-8),
+                flip=flip,
+                sample_posterior=sample_posterior,
+            )
+        )
+        super().__init__(*stages)
+
+    @property
+    def num_classes(self) -> int:
+        return self.manifest["num_classes"]
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.manifest["class_names"]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.source.set_epoch(epoch)
+
+
+def _shuffle_stage(samples, buffer: int, source: ShardSource):
+    slot, _ = worker_slot(source.rank, source.world_size)
+    rng = random.Random(f"{source.seed}-{source.epoch}-{slot}-latents")
+    return wds.shuffle(buffer, initial=buffer, rng=rng)(samples)
+
+
+def make_latent_loader(
+    out_dir: str,
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    *,
+    num_workers: int = 0,
+    **dataset_options,
+) -> tuple[torch.utils.data.DataLoader, LatentShardDataset]:
+    """DataLoader over `LatentShardDataset` (batches of (B, C, h, w) latents and (B,) labels) and the dataset."""
+    dataset = LatentShardDataset(out_dir, rank, world_size, **dataset_options)
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        drop_last=dataset_options.get("resampled", True),
+    )
+    return loader, dataset

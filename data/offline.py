@@ -1,0 +1,199 @@
+"""Offline photo dataset: square crops of the colour photographs scikit-image ships, one class per photograph.
+
+It is the embedded default for the demo and the tests: nothing is downloaded (only photos present in the local
+scikit-image install are used; those that need a pooch download are not in the registry), and it is
+deterministic given `seed`.
+
+Each photo is split along its long axis into a train region and a held-out val band (the last `val_fraction`
+of the long side). Crops never cross the boundary: a region is cut out *before* resampling, so even the bicubic
+filter's support cannot read the other region's pixels, and val measures generalisation to unseen pixels.
+Crops come at several scales: a window of side `scale × band` (band = the val band's width, the same in both
+splits so train and val see the same object scales) is resized to `resolution`. Windows smaller than the
+resolution are upsampled, so resolutions above ~128 get softer crops.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from data.transforms import to_tensor_pm1
+
+SPLITS = {"train": 0, "val": 1}
+
+
+@dataclass(frozen=True)
+class PhotoSpec:
+    """A photo file inside scikit-image's data folder; `box` (left, top, right, bottom) keeps its useful part."""
+
+    filename: str
+    box: tuple[int, int, int, int] | None = None
+
+
+# Colour photographs shipped inside the scikit-image wheel (no pooch download). Sorted by name: the class index
+# is the position in this order, the same order an exported folder tree sorts to.
+PHOTOS: dict[str, PhotoSpec] = {
+    "astronaut": PhotoSpec("astronaut.png"),
+    "chelsea": PhotoSpec("chelsea.png"),
+    "coffee": PhotoSpec("coffee.png"),
+    "hubble_deep_field": PhotoSpec("hubble_deep_field.jpg"),
+    "immunohistochemistry": PhotoSpec("ihc.png"),
+    "motorcycle": PhotoSpec("motorcycle_left.png"),
+    "retina": PhotoSpec("retina.jpg", box=(210, 210, 1200, 1200)),  # inside the fundus disc: no black corners
+    "rocket": PhotoSpec("rocket.jpg"),
+}
+
+
+def skimage_data_dir() -> str:
+    """scikit-image's bundled data folder, found without importing the package."""
+    spec = importlib.util.find_spec("skimage")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("scikit-image is not installed; the offline photo dataset needs its sample photos")
+    return os.path.join(list(spec.submodule_search_locations)[0], "data")
+
+
+def available_photos() -> list[str]:
+    """Names (sorted) of the registry photos present in the local scikit-image install."""
+    directory = skimage_data_dir()
+    return sorted(name for name, spec in PHOTOS.items() if os.path.isfile(os.path.join(directory, spec.filename)))
+
+
+def load_photo(name: str) -> Image.Image:
+    """One registry photo as RGB, cut to its useful box."""
+    spec = PHOTOS[name]
+    with Image.open(os.path.join(skimage_data_dir(), spec.filename)) as image:
+        photo = image.convert("RGB")
+    return photo.crop(spec.box) if spec.box is not None else photo
+
+
+def split_regions(width: int, height: int, val_fraction: float) -> dict[str, tuple[int, int, int, int]]:
+    """Disjoint (left, top, right, bottom) train and val regions: val is the far band of the long axis."""
+    if not 0.0 < val_fraction < 0.5:
+        raise ValueError(f"val_fraction must be in (0, 0.5), got {val_fraction}")
+    if width >= height:
+        band = round(val_fraction * width)
+        return {"train": (0, 0, width - band, height), "val": (width - band, 0, width, height)}
+    band = round(val_fraction * height)
+    return {"train": (0, 0, width, height - band), "val": (0, height - band, width, height)}
+
+
+class OfflinePhotoDataset(Dataset):
+    """Map-style dataset of `(image (3, R, R) float in [-1, 1], class_index int)` crops of bundled photos.
+
+    `crop_boxes[i]` is sample i's window in photo coordinates (left, top, right, bottom); the crop list is fixed
+    by `seed` at construction and each crop is computed lazily. `random_flip` (for training) flips with torch's
+    RNG, which DataLoader seeds per worker.
+    """
+
+    def __init__(
+        self,
+        split: str = "train",
+        resolution: int = 64,
+        crops_per_class: int | None = None,
+        seed: int = 0,
+        *,
+        scales: tuple[float, ...] = (0.5, 0.7, 1.0),
+        val_fraction: float = 0.3,
+        random_flip: bool = False,
+        photos: tuple[str, ...] | None = None,
+    ):
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; choose from {tuple(SPLITS)}")
+        if not 8 <= resolution <= 1024:
+            raise ValueError(f"resolution must be in [8, 1024], got {resolution}")
+        if not scales or not all(0.0 < s <= 1.0 for s in scales):
+            raise ValueError(f"scales must be in (0, 1], got {scales}")
+        self.split, self.resolution, self.seed, self.random_flip = split, resolution, seed, random_flip
+        self.crops_per_class = crops_per_class if crops_per_class is not None else (128 if split == "train" else 32)
+        if self.crops_per_class < 1:
+            raise ValueError(f"crops_per_class must be >= 1, got {self.crops_per_class}")
+        names = sorted(photos) if photos is not None else available_photos()
+        missing = [n for n in names if n not in PHOTOS]
+        if missing:
+            raise ValueError(f"unknown photos {missing}; choose from {sorted(PHOTOS)}")
+        if len(names) < 2:
+            raise FileNotFoundError(f"need at least 2 bundled photos in {skimage_data_dir()}, found {names}")
+        self.class_names = names
+        self.skipped: list = []  # nothing is ever skipped here; kept for the common dataset interface
+
+        self._regions: list[Image.Image] = []  # each class's region of its photo, cut out before any resampling
+        self.crop_boxes: list[tuple[int, int, int, int]] = []  # photo coordinates
+        self._region_boxes: list[tuple[int, int, int, int]] = []  # region coordinates
+        for class_index, name in enumerate(names):
+            photo = load_photo(name)
+            regions = split_regions(*photo.size, val_fraction)
+            band = min(regions["val"][2] - regions["val"][0], regions["val"][3] - regions["val"][1])
+            region_box = regions[split]
+            region = photo.crop(region_box)
+            region.load()
+            self._regions.append(region)
+            rng = np.random.default_rng([seed, SPLITS[split], class_index])
+            for k in range(self.crops_per_class):
+                side = max(1, round(scales[k % len(scales)] * band))
+                if side > min(region.size):
+                    raise ValueError(f"photo {name!r}: window {side} does not fit region {region.size}")
+                left = int(rng.integers(0, region.size[0] - side + 1))
+                top = int(rng.integers(0, region.size[1] - side + 1))
+                self._region_boxes.append((left, top, left + side, top + side))
+                self.crop_boxes.append(
+                    (region_box[0] + left, region_box[1] + top, region_box[0] + left + side, region_box[1] + top + side)
+                )
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def targets(self) -> list[int]:
+        return [i // self.crops_per_class for i in range(len(self))]
+
+    def __len__(self) -> int:
+        return len(self._region_boxes)
+
+    def crop_array(self, index: int) -> np.ndarray:
+        """Sample `index` as an unflipped (R, R, 3) uint8 array."""
+        class_index = index // self.crops_per_class
+        crop = self._regions[class_index].resize(
+            (self.resolution, self.resolution), resample=Image.BICUBIC, box=self._region_boxes[index]
+        )
+        return np.asarray(crop)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} crops")
+        index %= len(self)
+        image = to_tensor_pm1(self.crop_array(index))  # (3, R, R)
+        if self.random_flip and torch.rand(()).item() < 0.5:
+            image = image.flip(-1)
+        return image, index // self.crops_per_class
+
+
+def export_offline_photos(
+    root: str,
+    resolution: int = 64,
+    train_crops_per_class: int = 128,
+    val_crops_per_class: int = 32,
+    seed: int = 0,
+    image_format: str = "png",
+) -> str:
+    """Write the offline crops as an ImageNet-style tree `root/{train,val}/<class>/<class>_NNNNN.<fmt>`.
+
+    The folder code path then reads them back with the same class indices (folder names sort like `PHOTOS`).
+    """
+    if image_format not in ("png", "jpg", "jpeg", "webp"):
+        raise ValueError(f"unsupported image_format {image_format!r}")
+    for split, count in (("train", train_crops_per_class), ("val", val_crops_per_class)):
+        dataset = OfflinePhotoDataset(split, resolution, count, seed)
+        for index in range(len(dataset)):
+            name = dataset.class_names[index // count]
+            folder = os.path.join(root, split, name)
+            os.makedirs(folder, exist_ok=True)
+            path = os.path.join(folder, f"{name}_{index % count:05d}.{image_format}")
+            options = {} if image_format == "png" else {"quality": 95}
+            Image.fromarray(dataset.crop_array(index)).save(path, **options)
+    return root

@@ -1,0 +1,182 @@
+"""Latent shards: write → merge → verify, damage detection, resume, exact stats, two ranks, the reader."""
+from __future__ import annotations
+
+import json
+import os
+import tarfile
+
+import pytest
+import torch
+
+from data.latent_shards import (
+    LatentShardDataset,
+    LatentShardWriter,
+    load_manifest,
+    make_latent_loader,
+    merge_manifests,
+    rank_prefix,
+    verify_shards,
+)
+
+SHAPE = (4, 2, 3)  # (C, h, w)
+TOKENIZER = {"name": "tiny-test", "latent_channels": 4}
+
+
+def _moments(uid: int) -> dict[str, torch.Tensor]:
+    """Deterministic moments with per-channel offsets so the stats are non-trivial."""
+    g = torch.Generator().manual_seed(uid)
+    offset = torch.arange(SHAPE[0], dtype=torch.float32).view(-1, 1, 1)
+    return {
+        "mean": torch.randn(SHAPE, generator=g) * 2 + offset,
+        "logvar": torch.randn(SHAPE, generator=g) - 3,
+        "mean_flip": torch.randn(SHAPE, generator=g) * 2 + offset,
+        "logvar_flip": torch.randn(SHAPE, generator=g) - 3,
+    }
+
+
+def _write_rank(out_dir, rank: int, uids, per_shard: int = 3) -> LatentShardWriter:
+    with LatentShardWriter(str(out_dir), rank_prefix(rank), per_shard) as writer:
+        for uid in uids:
+            if f"img{uid:05d}" in writer.done_keys:
+                continue
+            writer.write(f"img{uid:05d}", uid, **_moments(uid))
+    return writer
+
+
+def _merge(out_dir):
+    return merge_manifests(
+        str(out_dir),
+        tokenizer_config=TOKENIZER,
+        tokenizer_weights_sha256="ab" * 32,
+        class_names=[f"c{i}" for i in range(20)],
+    )
+
+
+def test_two_ranks_round_trip_and_exact_stats(tmp_path):
+    w0 = _write_rank(tmp_path, 0, range(0, 7))
+    w1 = _write_rank(tmp_path, 1, range(7, 12))
+    w1_names = set(w1.shards_written)
+    assert not set(w0.shards_written) & w1_names
+    assert all(n.startswith("rank00000-") for n in w0.shards_written)
+    assert all(n.startswith("rank00001-") for n in w1_names)
+    manifest = _merge(tmp_path)
+    assert manifest["num_samples"] == 12
+    assert manifest["latent_shape"] == list(SHAPE) and manifest["latent_dtype"] == "float32"
+    assert manifest["tokenizer"]["weights_sha256"] == "ab" * 32 and manifest["num_classes"] == 20
+    assert [s["count"] for s in manifest["shards"]] == [3, 3, 1, 3, 2]
+    assert json.load(open(tmp_path / "manifest.json")) == manifest
+
+    # stats: direct float64 torch computation over all means (unflipped and flipped)
+    means = torch.stack([_moments(u)[k] for u in range(12) for k in ("mean", "mean_flip")]).double()  # (24, C, h, w)
+    per_channel = means.transpose(0, 1).flatten(1)  # (C, 24·h·w)
+    torch.testing.assert_close(torch.tensor(manifest["latent_mean"], dtype=torch.float64), per_channel.mean(1))
+    torch.testing.assert_close(
+        torch.tensor(manifest["latent_std"], dtype=torch.float64), per_channel.std(1, correction=0)
+    )
+
+    report = verify_shards(str(tmp_path))
+    assert report.ok and report.num_samples == 12 and report.num_shards == 5 and not report.unlisted
+
+    # reader, exactly-once mode, no posterior sampling / normalisation: every value is a stored mean or mean_flip
+    dataset = LatentShardDataset(str(tmp_path), resampled=False, sample_posterior=False, normalize=False)
+    seen = {}
+    flips = 0
+    for latent, label in dataset:
+        stored = _moments(label)
+        is_flip = torch.equal(latent, stored["mean_flip"])
+        assert is_flip or torch.equal(latent, stored["mean"])
+        flips += is_flip
+        seen[label] = seen.get(label, 0) + 1
+    assert seen == {u: 1 for u in range(12)}
+    assert 0 < flips < 12
+
+
+def test_reader_normalises_and_samples_posterior(tmp_path):
+    _write_rank(tmp_path, 0, range(6))
+    manifest = _merge(tmp_path)
+    shift = torch.tensor(manifest["latent_mean"]).view(-1, 1, 1)
+    scale = torch.tensor(manifest["latent_std"]).view(-1, 1, 1)
+    plain = LatentShardDataset(str(tmp_path), resampled=False, flip=False, sample_posterior=False)
+    for latent, label in plain:
+        torch.testing.assert_close(latent, (_moments(label)["mean"] - shift) / scale)
+    noisy = LatentShardDataset(str(tmp_path), resampled=False, flip=False, seed=1)
+    for latent, label in noisy:
+        stored = _moments(label)
+        residual = latent * scale + shift - stored["mean"]
+        eps = residual / (0.5 * stored["logvar"]).exp()
+        assert 0 < residual.abs().max() and eps.abs().max() < 6  # mean + σ·ε with ε ~ N(0, 1)
+
+    loader, dataset = make_latent_loader(str(tmp_path), batch_size=4, seed=0)  # resampled: endless
+    batch, labels = next(iter(loader))
+    assert batch.shape == (4, *SHAPE) and labels.shape == (4,) and batch.dtype == torch.float32
+    assert dataset.num_classes == 20
+
+
+def test_verify_names_flipped_byte_and_truncated_shards(tmp_path):
+    _write_rank(tmp_path, 0, range(9))
+    manifest = _merge(tmp_path)
+    names = [s["name"] for s in manifest["shards"]]
+    flipped, truncated = os.path.join(tmp_path, names[0]), os.path.join(tmp_path, names[2])
+    with tarfile.open(flipped) as archive:  # flip a byte inside the first latent tensor's data, not a header
+        member = next(m for m in archive.getmembers() if m.name.endswith(".latent.safetensors"))
+    data = bytearray(open(flipped, "rb").read())
+    data[member.offset_data + member.size - 5] ^= 0x01
+    open(flipped, "wb").write(bytes(data))
+    data = open(truncated, "rb").read()
+    open(truncated, "wb").write(data[: len(data) // 2])
+    report = verify_shards(str(tmp_path))
+    assert not report.ok
+    assert set(report.bad) == {names[0], names[2]}
+    assert "sha256" in report.bad[names[0]] and "unreadable" not in report.bad[names[0]]  # only the hash sees it
+    assert "sha256" in report.bad[names[2]]
+    assert "samples" in report.bad[names[2]] or "unreadable" in report.bad[names[2]]
+
+    with pytest.raises(RuntimeError, match=names[2]):
+        list(LatentShardDataset(str(tmp_path), resampled=False, on_bad_shard="raise"))
+    skipping = LatentShardDataset(str(tmp_path), resampled=False, on_bad_shard="skip")
+    labels = [label for _, label in skipping]
+    assert set(range(3, 6)) <= set(labels) and len(labels) < 9
+    assert skipping.bad_shards.count >= 1
+
+
+def test_resume_skips_complete_shards_and_discards_partial(tmp_path):
+    writer = LatentShardWriter(str(tmp_path), rank_prefix(0), 3)
+    for uid in range(7):  # two complete shards, one sample in an unfinished .tmp
+        writer.write(f"img{uid:05d}", uid, **_moments(uid))
+    writer._tar.close()  # simulate a crash: the partial shard is never finished
+    assert os.path.exists(tmp_path / "rank00000-000002.tar.tmp")
+    complete = {n: os.path.getmtime(tmp_path / n) for n in ("rank00000-000000.tar", "rank00000-000001.tar")}
+
+    resumed = LatentShardWriter(str(tmp_path), rank_prefix(0), 3)
+    assert not os.path.exists(tmp_path / "rank00000-000002.tar.tmp")
+    assert resumed.samples_done == 6 and resumed.done_keys == {f"img{u:05d}" for u in range(6)}
+    assert resumed.write("img00000", 0, **_moments(0)) is False  # already in a complete shard
+    for uid in range(6, 10):
+        assert resumed.write(f"img{uid:05d}", uid, **_moments(uid))
+    resumed.close()
+    assert resumed.shards_written == ["rank00000-000002.tar", "rank00000-000003.tar"]
+    assert {n: os.path.getmtime(tmp_path / n) for n in complete} == complete  # not rewritten
+    manifest = _merge(tmp_path)
+    assert manifest["num_samples"] == 10
+    assert verify_shards(str(tmp_path)).ok
+    labels = sorted(label for _, label in LatentShardDataset(str(tmp_path), resampled=False))
+    assert labels == list(range(10))
+
+
+def test_skipped_inputs_reach_the_manifest(tmp_path):
+    with LatentShardWriter(str(tmp_path), rank_prefix(3), 4) as writer:
+        writer.write("img00000", 0, **_moments(0))
+        writer.add_skipped("/data/bad.JPEG", "cannot decode")
+    manifest = _merge(tmp_path)
+    assert manifest["skipped"] == [{"path": "/data/bad.JPEG", "reason": "cannot decode"}]
+    assert load_manifest(str(tmp_path))["shards"][0]["name"] == "rank00003-000000.tar"
+
+
+def test_writer_rejects_inconsistent_latents(tmp_path):
+    writer = LatentShardWriter(str(tmp_path), "rank00000", 4)
+    writer.write("a", 0, **_moments(0))
+    bad = {k: v[:2] for k, v in _moments(1).items()}
+    with pytest.raises(ValueError, match="differs"):
+        writer.write("b", 0, **bad)
+    with pytest.raises(ValueError, match="must not contain"):
+        writer.write("c.d", 0, **_moments(2))
