@@ -1,0 +1,143 @@
+"""What every script in scripts/ shares: turn user errors into one line on stderr and exit code 2.
+
+Scripts stay thin (STYLE.md, "Thin scripts"): they parse arguments and call one function of `pipelines/`
+through `run_main`. Errors a user can fix (bad paths, bad values, missing weights) surface as one line; set
+EPSVAE_DEBUG=1 to get the full traceback instead.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Callable, Sequence
+
+USER_ERROR_EXIT_CODE = 2
+
+# Exceptions that mean "the input is wrong", not "the code is wrong".
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError,
+    FileNotFoundError,
+    NotADirectoryError,
+    IsADirectoryError,
+    PermissionError,
+    KeyError,
+)
+
+
+def _extra_user_errors() -> tuple[type[BaseException], ...]:
+    """Project exceptions that are user errors too, imported lazily to keep script start-up fast."""
+    extra: list[type[BaseException]] = []
+    try:
+        from tokenizer.perceptual import MissingWeightsError
+
+        extra.append(MissingWeightsError)
+    except ImportError:  # pragma: no cover - module is part of the package
+        pass
+    return tuple(extra)
+
+
+def one_line(error: BaseException) -> str:
+    message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if isinstance(error, KeyError):
+        message = f"missing key {message}"
+    return message
+
+
+def run_main(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> int:
+    """Run a script's `main(argv)`; user errors → `error: <one line>` on stderr, exit 2."""
+    try:
+        main(argv)
+    except (*USER_ERRORS, *_extra_user_errors()) as error:
+        if os.environ.get("EPSVAE_DEBUG"):
+            raise
+        print(f"error: {one_line(error)}", file=sys.stderr)
+        return USER_ERROR_EXIT_CODE
+    except KeyboardInterrupt:
+        print("interrupted: the newest complete checkpoint is kept; rerun with --resume auto", file=sys.stderr)
+        return 130
+    return 0
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the project's exit code for bad arguments (2, one line, no usage dump)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(USER_ERROR_EXIT_CODE, f"error: {message} (see --help)\n")
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:  # also rejects nan
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
+    return value
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text}")
+
+
+def _optional(convert: Callable[[str], object]) -> Callable[[str], object]:
+    def parse(text: str) -> object:
+        return None if text.lower() in ("none", "null", "") else convert(text)
+
+    parse.__name__ = getattr(convert, "__name__", "value")
+    return parse
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, config_class: type, skip: Sequence[str] = (),
+                         choices: dict[str, Sequence[str]] | None = None) -> None:
+    """One `--field-name` flag per field of a frozen config dataclass, typed from its annotation.
+
+    Defaults stay in the dataclass (one source of truth); flags left out are not passed, so
+    `config_from_arguments` only overrides what the user typed.
+    """
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(config_class)
+    choices = choices or {}
+    for item in dataclasses.fields(config_class):
+        if item.name in skip:
+            continue
+        hint = hints[item.name]
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        optional = type(None) in typing.get_args(hint)
+        base = args[0] if optional and args else hint
+        origin = typing.get_origin(base)
+        flag = "--" + item.name.replace("_", "-")
+        kwargs: dict = {"dest": item.name, "default": argparse.SUPPRESS}
+        if item.name in choices:
+            kwargs["choices"] = list(choices[item.name])
+        if origin is tuple:
+            element = typing.get_args(base)[0]
+            kwargs.update(type=element, nargs=len(typing.get_args(base)) if ... not in typing.get_args(base) else "+")
+        elif base is bool:
+            kwargs["type"] = _parse_bool
+        elif base in (int, float, str):
+            kwargs["type"] = _optional(base) if optional else base
+        else:
+            continue  # dicts and nested configs get dedicated flags in the script
+        default = item.default if item.default is not dataclasses.MISSING else None
+        parser.add_argument(flag, help=f"(default: {default})", **kwargs)
+
+
+def config_from_arguments(config_class: type, namespace: argparse.Namespace, **extra):
+    """Build the config from the flags the user gave plus `extra`; the dataclass validates the values."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(config_class)}
+    values = {k: v for k, v in vars(namespace).items() if k in names}
+    values.update(extra)
+    return config_class(**values)

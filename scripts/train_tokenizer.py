@@ -1,0 +1,55 @@
+#!/usr/bin/env python
+"""Stage 1: train ε-VAE (or the baseline VAE). Thin CLI over `pipelines.train_tokenizer.train_tokenizer`.
+
+Examples:
+    python scripts/train_tokenizer.py --data offline --encoder tiny --decoder tiny --resolution 64 \
+        --perceptual effnet-l0 --batch-size 16 --max-steps 200 --output-dir runs/tok
+    accelerate launch --multi_gpu --num_processes 8 scripts/train_tokenizer.py --data /data/imagenet \
+        --encoder sd --decoder M --resolution 128 --precision bf16 --resume auto --output-dir runs/eps-sd-m
+"""
+from __future__ import annotations
+
+import sys
+
+from pipelines.cli import ArgumentParser, add_config_arguments, config_from_arguments, run_main
+
+MODEL_OVERRIDE_FLAGS = {
+    # flag: (type, help) — collected into TokenizerTrainConfig.model_overrides
+    "gamma": (float, "noise scaling γ of x_t (paper: 0.6 at 128²)"),
+    "latent_channels": (int, "latent channels (4/8/16/32)"),
+    "downsample": (int, "encoder downsample factor (4/8/16/32)"),
+    "conditioning": (str, "decoder conditioning: concat | adagn"),
+    "parameterization": (str, "velocity (rectified flow) | epsilon (DDPM baseline)"),
+    "time_sampling": (str, "training t: logit_normal | uniform"),
+    "time_spacing": (str, "decode times: reversed_log | uniform"),
+    "kl_weight": (float, "KL weight (default 1e-6)"),
+}
+
+
+def build_parser() -> ArgumentParser:
+    from pipelines.train_tokenizer import TokenizerTrainConfig
+    from tokenizer.perceptual import PERCEPTUAL_NETWORKS
+
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
+    add_config_arguments(parser, TokenizerTrainConfig, choices={
+        "model_type": ["eps_vae", "vae"], "perceptual": sorted(PERCEPTUAL_NETWORKS),
+        "precision": ["no", "bf16", "fp16"], "reconstruction": ["l1", "l2"]})
+    group = parser.add_argument_group("model overrides (applied on top of the presets)")
+    for name, (kind, help_text) in MODEL_OVERRIDE_FLAGS.items():
+        group.add_argument("--" + name.replace("_", "-"), dest="override_" + name, type=kind, help=help_text)
+    return parser
+
+
+def main(argv=None) -> None:
+    from pipelines.train_tokenizer import TokenizerTrainConfig, train_tokenizer
+
+    args = build_parser().parse_args(argv)
+    overrides = {name: getattr(args, "override_" + name) for name in MODEL_OVERRIDE_FLAGS
+                 if getattr(args, "override_" + name) is not None}
+    config = config_from_arguments(TokenizerTrainConfig, args, model_overrides=overrides)
+    final_dir = train_tokenizer(config)
+    print(f"tokenizer saved to {final_dir}")
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))
