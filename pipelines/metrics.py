@@ -96,32 +96,33 @@ def ssim(x: ImageBatch, y: ImageBatch, window: int = 7) -> torch.Tensor:
 # ---------------------------------------------------------------------------------- distribution statistics
 
 
-def frechet_distance(
-    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6
-) -> float:
-    """‖mu1 − mu2‖² + Tr(Σ1 + Σ2 − 2 (Σ1 Σ2)^½) in float64 (Heusel et al. 2017).
+def _trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
+    """Tr((Σ1 Σ2)^½) for covariance (PSD) matrices via symmetric eigendecompositions.
 
-    As in pytorch-fid / ADM's evaluator: if the product is singular (sqrtm not finite), offset both
-    covariances by eps·I; a complex square root from round-off is accepted when its diagonal's imaginary part
-    is small and its real part used.
+    Σ1 Σ2 is similar to Σ1^½ Σ2 Σ1^½, which is symmetric PSD, so the trace of the square root is the sum of
+    the square roots of its eigenvalues. Exact like `scipy.linalg.sqrtm`, but about 10× faster at 1280-2048
+    dimensions and free of the complex round-off sqrtm produces on singular (few-sample) covariances.
     """
+    eigenvalues, eigenvectors = np.linalg.eigh(sigma1)
+    sqrt_sigma1 = (eigenvectors * np.sqrt(np.clip(eigenvalues, 0, None))) @ eigenvectors.T
+    product = sqrt_sigma1 @ sigma2 @ sqrt_sigma1
+    product = (product + product.T) / 2  # symmetric up to round-off
+    return float(np.sqrt(np.clip(np.linalg.eigvalsh(product), 0, None)).sum())
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """‖mu1 − mu2‖² + Tr(Σ1 + Σ2 − 2 (Σ1 Σ2)^½) in float64 (Heusel et al. 2017)."""
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != (mu1.size, mu1.size):
         raise ValueError(
             f"statistics do not match: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape}"
         )
+    if not (np.isfinite(sigma1).all() and np.isfinite(sigma2).all() and np.isfinite(mu1).all() and np.isfinite(mu2).all()):
+        raise ValueError("Fréchet distance: statistics contain NaN or inf")
     diff = mu1 - mu2
-    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
-    if not np.isfinite(covmean).all():
-        offset = np.eye(sigma1.shape[0]) * eps
-        covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    if np.iscomplexobj(covmean):
-        largest_imaginary = np.max(np.abs(np.diagonal(covmean).imag))
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f"Fréchet distance: sqrtm has a large imaginary component {largest_imaginary:.3g}")
-        covmean = covmean.real
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+    distance = diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * _trace_sqrt_product(sigma1, sigma2)
+    return float(max(distance, 0.0))  # tiny negative values are round-off of FD(x, x) = 0
 
 
 @dataclass

@@ -230,10 +230,18 @@ class SeededAugmentation(Dataset):
             return self.dataset[index]
 
 
-def build_train_loader(config: TokenizerTrainConfig, per_device_batch: int):
+def build_train_loader(config: TokenizerTrainConfig, per_device_batch: int, rank: int, world_size: int):
+    """Map-style sources (folders, offline photos) replay exactly on resume; webdataset streams are split by
+    (rank, worker) inside the dataset and restart from a fresh shuffle on resume (their position is not saved)."""
+    from torch.utils.data import IterableDataset
+
     from data.sources import build_image_dataset
 
-    dataset = build_image_dataset(config.data, split="train", resolution=config.resolution, train=True)
+    dataset = build_image_dataset(config.data, split="train", resolution=config.resolution, train=True,
+                                  rank=rank, world_size=world_size, seed=config.seed)
+    if isinstance(dataset, IterableDataset):
+        loader = DataLoader(dataset, batch_size=per_device_batch, num_workers=config.num_workers, drop_last=True)
+        return loader, None, None
     if len(dataset) < config.batch_size // config.grad_accum:
         raise ValueError(f"the training set has {len(dataset)} images, fewer than one batch ({config.batch_size})")
     augmented = SeededAugmentation(dataset, config.seed)
@@ -244,7 +252,6 @@ def build_train_loader(config: TokenizerTrainConfig, per_device_batch: int):
         sampler=sampler,
         num_workers=config.num_workers,
         drop_last=True,
-        persistent_workers=False,
         generator=torch.Generator().manual_seed(config.seed),  # keeps the global RNG out of loader start-up
     )
     return loader, sampler, augmented
@@ -351,14 +358,17 @@ def train_tokenizer(config: TokenizerTrainConfig) -> Path:
 
     tokenizer = build_tokenizer(config)
     discriminator = build_discriminator(config)
-    loader, sampler, augmented = build_train_loader(config, per_device_batch)
+    loader, sampler, augmented = build_train_loader(config, per_device_batch, accelerator.process_index,
+                                                    accelerator.num_processes)
+    streaming = sampler is None
     step_module = TokenizerTrainingStep(tokenizer)
 
     opt_g = build_optimizer(step_module, OptimizerConfig(lr=config.lr, betas=config.adam_betas))
     opt_d = build_optimizer(discriminator, OptimizerConfig(lr=config.disc_lr, betas=config.adam_betas))
     sched_g, sched_d = warmup_scheduler(opt_g, config.warmup_steps), warmup_scheduler(opt_d, config.warmup_steps)
-    step_module, discriminator, opt_g, opt_d, loader = accelerator.prepare(
-        step_module, discriminator, opt_g, opt_d, loader)
+    step_module, discriminator, opt_g, opt_d = accelerator.prepare(step_module, discriminator, opt_g, opt_d)
+    if not streaming:  # streams are already split by rank inside the dataset
+        loader = accelerator.prepare(loader)
     raw_tokenizer: EpsVAE | VAE = unwrap_model(step_module).tokenizer
     raw_discriminator: nn.Module = unwrap_model(discriminator)
     ema = EMA(raw_tokenizer, config.ema_decay)
@@ -395,9 +405,12 @@ def train_tokenizer(config: TokenizerTrainConfig) -> Path:
     last_checkpoint_step = step if resume_from is not None else -1
     finished = step >= config.max_steps
     while not finished:
-        sampler.set_epoch(epoch)
-        augmented.epoch = epoch
-        batches = accelerator.skip_first_batches(loader, batches_done) if batches_done else loader
+        if streaming:
+            batches = loader
+        else:
+            sampler.set_epoch(epoch)
+            augmented.epoch = epoch
+            batches = accelerator.skip_first_batches(loader, batches_done) if batches_done else loader
         for images, _labels in batches:
             batches_done += 1
             images = images.to(device, non_blocking=True)
