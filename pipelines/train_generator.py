@@ -1,0 +1,354 @@
+"""Stage 2: train the class-conditional DiT on cached latent shards (paper appendix C.3, DiT defaults).
+
+Each step draws latents from the shards (`data.latent_shards.make_latent_loader`: split by rank and worker,
+shuffled, resampled forever), picking the center crop's or the flip's posterior at random and sampling
+z = mean + σ·ε, standardised per channel with the manifest's mean/std. The same mean/std are written into the
+DiT's config (`latent_mean`/`latent_std`), so `DiT.denormalize_latents` undoes exactly this normalisation at
+sampling time. The latent shape and class count come from the manifest too. The loss is the DDPM
+ε-prediction MSE at t ~ U{0..999} on the linear-β schedule (`generator.diffusion.epsilon_loss`; fixed variance,
+no VLB term), Adam lr 1e-4, β=(0.9, 0.999), no weight decay, EMA 0.9999, label dropout 0.1.
+
+Resume (`--resume auto`) restores model, EMA, optimiser, LR schedule, step and every rank's RNG exactly. The
+*data position* of an infinite resampled stream cannot be replayed, so a resumed run restarts the stream with
+seed `stream_seed(seed, step)`: it draws fresh samples rather than replaying the ones already seen, and the
+run is reproducible given the steps it was resumed at (but not bit-identical to an uninterrupted run).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from generator.diffusion import DiffusionSchedule, epsilon_loss, linear_beta_schedule
+from generator.dit import DiT, DiTConfig, DiT_models
+from pipelines.checkpoints import CheckpointManager
+from pipelines.ema import EMA, unwrap_model
+from pipelines.logging import MetricsLogger
+from pipelines.training import (
+    AcceleratorConfig,
+    NonFiniteGuard,
+    OptimizerConfig,
+    build_optimizer,
+    clip_gradients,
+    make_accelerator,
+    mean_over_ranks,
+    quartile_losses,
+    warmup_scheduler,
+)
+
+logger = logging.getLogger(__name__)
+
+# DiT architecture fields a run may override on top of the registry preset (tests, ablations).
+MODEL_OVERRIDE_FIELDS = ("hidden_size", "depth", "num_heads", "mlp_ratio", "patch_size")
+
+
+@dataclass(frozen=True)
+class GeneratorTrainConfig:
+    """Everything a stage-2 run needs; saved in every checkpoint. Defaults are the paper's (C.3) / DiT's."""
+
+    shards: str = "runs/latents"  # a cache_latents output directory (manifest.json + shards)
+    output_dir: str = "runs/generator"
+    model: str = "DiT-XL/2"  # a key of generator.DiT_models
+    model_overrides: dict[str, Any] = field(default_factory=dict)  # MODEL_OVERRIDE_FIELDS only
+    learn_sigma: bool = False  # the paper drops the VLB term: ε only
+    qk_norm: bool = False
+    class_dropout_prob: float = 0.1  # label dropout (keeps CFG possible)
+    diffusion_steps: int = 1000
+    # Data.
+    batch_size: int = 256  # global: per_device × processes × grad_accum
+    num_workers: int = 4
+    shuffle_buffer: int = 1000
+    # Optimisation.
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 0
+    grad_clip: float | None = None  # None: measure the norm only (DiT does not clip)
+    grad_accum: int = 1
+    ema_decay: float = 0.9999
+    max_steps: int = 400_000
+    max_minutes: float | None = None  # stop (and save) after this much wall time
+    max_nonfinite: int = 10
+    # Run.
+    precision: str = "no"
+    seed: int = 0
+    checkpoint_every: int = 10_000
+    keep_last: int = 3
+    log_every: int = 100
+    # Sample grids (EMA weights, respaced DDPM, decoded with the tokenizer; skipped without one).
+    sample_every: int = 10_000
+    sample_steps: int = 50
+    sample_images: int = 16
+    decode_steps: int = 3
+    tokenizer: str | None = None
+    resume: str | None = None  # None | "auto" | a checkpoint dir
+    log_with: str | None = None
+    collective_timeout_s: float = 600.0
+    cpu: bool = False  # force CPU even where a GPU is visible (tests, CPU-only `accelerate launch`)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "adam_betas", tuple(self.adam_betas))
+        object.__setattr__(self, "model_overrides", dict(self.model_overrides))
+        if self.model not in DiT_models:
+            raise ValueError(f"unknown model {self.model!r}; choose from {sorted(DiT_models)}")
+        unknown = sorted(set(self.model_overrides) - set(MODEL_OVERRIDE_FIELDS))
+        if unknown:
+            raise ValueError(f"unknown model override(s) {unknown}; allowed: {list(MODEL_OVERRIDE_FIELDS)}")
+        for name in ("batch_size", "grad_accum", "max_steps", "checkpoint_every", "keep_last", "log_every",
+                     "sample_every", "sample_steps", "sample_images", "decode_steps", "diffusion_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("lr", "weight_decay", "ema_decay", "warmup_steps", "num_workers", "shuffle_buffer"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.sample_steps > self.diffusion_steps:
+            raise ValueError(f"sample_steps {self.sample_steps} > diffusion_steps {self.diffusion_steps}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class TrainedGenerator:
+    """What `train_generator` hands back: the saved directory and this rank's live objects (for tests, notebooks)."""
+
+    model_dir: Path
+    step: int
+    model: DiT  # raw (not EMA) weights of this rank
+    ema: EMA
+    num_parameters: int
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pieces
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def stream_seed(seed: int, step: int) -> int:
+    """Seed of the latent stream started at `step`: a resumed run draws new samples instead of replaying."""
+    return (int(seed) * 1_000_003 + int(step)) % 2**31
+
+
+def read_manifest(shards: str | Path) -> dict[str, Any]:
+    """The shard directory's manifest (one-line errors for a missing directory or manifest)."""
+    from data.latent_shards import load_manifest
+
+    directory = Path(shards)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"latent shards directory {str(directory)!r} does not exist; run scripts/cache_latents.py")
+    return load_manifest(str(directory))
+
+
+def dit_config_from_manifest(config: GeneratorTrainConfig, manifest: dict[str, Any]) -> DiTConfig:
+    """Registry preset + overrides + the data-dependent fields and normalisation stats of the manifest."""
+    channels, height, width = manifest["latent_shape"]
+    if height != width:
+        raise ValueError(f"DiT needs square latents, the manifest has {height}x{width}")
+    std = [float(s) for s in manifest["latent_std"]]
+    if min(std) <= 0:
+        raise ValueError(f"the manifest's latent_std has a zero channel ({std}): the latents are constant")
+    return DiTConfig.from_name(
+        config.model, input_size=int(height), in_channels=int(channels), num_classes=int(manifest["num_classes"]),
+        class_dropout_prob=config.class_dropout_prob, learn_sigma=config.learn_sigma, qk_norm=config.qk_norm,
+        latent_mean=tuple(float(m) for m in manifest["latent_mean"]), latent_std=tuple(std),
+        **config.model_overrides,
+    )
+
+
+def schedule_on(schedule: DiffusionSchedule, device: torch.device) -> DiffusionSchedule:
+    """The schedule's float64 tables on `device`, so each step's coefficient lookup stays on the device."""
+    return DiffusionSchedule(**{f.name: getattr(schedule, f.name).to(device) for f in dataclasses.fields(schedule)})
+
+
+def _per_device_batch(config: GeneratorTrainConfig, num_processes: int) -> int:
+    denominator = num_processes * config.grad_accum
+    if config.batch_size % denominator:
+        raise ValueError(f"batch_size {config.batch_size} is not divisible by processes ({num_processes}) × "
+                         f"grad_accum ({config.grad_accum})")
+    return config.batch_size // denominator
+
+
+def _agree(accelerator, flag: bool) -> bool:
+    """All ranks stop together when any rank's clock runs out."""
+    if accelerator.num_processes == 1:
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(value, reduction="max").item() > 0)
+
+
+def _load_grid_tokenizer(config: GeneratorTrainConfig, manifest: dict[str, Any], device: torch.device):
+    """The decoder for sample grids, checked against the manifest; None when no tokenizer is given."""
+    if config.tokenizer is None:
+        return None
+    from pipelines.cache_latents import tokenizer_weights_path
+    from data.latent_shards import file_sha256
+    from tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(config.tokenizer)
+    if tokenizer.latent_channels != manifest["latent_shape"][0]:
+        raise ValueError(f"tokenizer {config.tokenizer} has {tokenizer.latent_channels} latent channels, the shards "
+                         f"have {manifest['latent_shape'][0]}")
+    if file_sha256(str(tokenizer_weights_path(config.tokenizer, False))) != manifest["tokenizer"]["weights_sha256"]:
+        logger.warning("tokenizer %s is not the one that encoded %s (weights hash differs): grids may look wrong",
+                       config.tokenizer, config.shards)
+    return tokenizer.to(device).eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def write_sample_grid(dit: DiT, ema: EMA, tokenizer, config: GeneratorTrainConfig, path: Path) -> None:
+    """EMA-weight samples of classes 0, 1, 2, ... (seeded, so grids of successive steps are comparable)."""
+    from torchvision.utils import save_image
+
+    from pipelines.generate import generate_latents
+    from tokenizer import EpsVAE
+
+    device = next(dit.parameters()).device
+    labels = torch.arange(config.sample_images, device=device) % dit.config.num_classes  # (N,)
+    generator = torch.Generator(device=device).manual_seed(config.seed)
+    with ema.swapped_in(dit):
+        latents = generate_latents(dit, labels, config.sample_steps, generator)  # (N, C, h, w)
+    if isinstance(tokenizer, EpsVAE):
+        images = tokenizer.decode(latents, steps=config.decode_steps, generator=generator)
+    else:
+        images = tokenizer.decode(latents)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image((images.float().clamp(-1, 1) + 1) / 2, path, nrow=int(math.ceil(math.sqrt(len(labels)))))
+
+
+def save_final_model(dit: DiT, ema: EMA, directory: Path, extra: dict[str, Any]) -> None:
+    """save_pretrained with the EMA weights as `model.safetensors` (what sampling loads) and in `ema.safetensors`."""
+    with ema.swapped_in(dit):
+        dit.save_pretrained(directory, ema_state_dict=ema.state_dict())
+    (directory / "training.json").write_text(json.dumps({"ema_decay": ema.decay, **extra}, indent=2))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def train_generator(config: GeneratorTrainConfig) -> TrainedGenerator:
+    """Run (or resume) stage-2 training; the final EMA model is saved to `output_dir/model`."""
+    from data.latent_shards import make_latent_loader
+
+    output_dir = Path(config.output_dir)
+    manifest = read_manifest(config.shards)  # before anything expensive: one-line error for a bad directory
+    dit_config = dit_config_from_manifest(config, manifest)
+    accelerator = make_accelerator(AcceleratorConfig(
+        mixed_precision=config.precision, gradient_accumulation_steps=config.grad_accum, seed=config.seed,
+        log_with=config.log_with, project_dir=str(output_dir / "trackers") if config.log_with else None,
+        collective_timeout_s=config.collective_timeout_s, cpu=config.cpu,
+    ))
+    device = accelerator.device
+    per_device_batch = _per_device_batch(config, accelerator.num_processes)
+    grid_tokenizer = _load_grid_tokenizer(config, manifest, device) if accelerator.is_main_process else None
+
+    dit = DiT(dit_config)
+    num_parameters = sum(p.numel() for p in dit.parameters())
+    optimizer = build_optimizer(dit, OptimizerConfig(lr=config.lr, betas=config.adam_betas,
+                                                     weight_decay=config.weight_decay))
+    scheduler = warmup_scheduler(optimizer, config.warmup_steps)
+    model, optimizer = accelerator.prepare(dit, optimizer)  # the loader is already split by rank: not prepared
+    raw_dit: DiT = unwrap_model(model)
+    ema = EMA(raw_dit, config.ema_decay)
+    guard = NonFiniteGuard(config.max_nonfinite, accelerator)
+    schedule = schedule_on(linear_beta_schedule(config.diffusion_steps), device)
+
+    manager = CheckpointManager(output_dir / "checkpoints", keep_last=config.keep_last, accelerator=accelerator)
+    step = 0
+    resume_from = manager.resolve(config.resume)
+    if resume_from is not None:
+        state = manager.load(resume_from, models={"dit": raw_dit}, emas={"dit": ema}, optimizers={"dit": optimizer},
+                             schedulers={"dit": scheduler})
+        step = state.step
+        guard.load_state_dict(state.extra.get("nonfinite_guard", guard.state_dict()))
+        if accelerator.is_main_process:
+            logger.info("resumed from %s at step %d", resume_from, step)
+    data_seed = stream_seed(config.seed, step)
+    loader, _ = make_latent_loader(
+        config.shards, per_device_batch, accelerator.process_index, accelerator.num_processes,
+        num_workers=config.num_workers, resampled=True, shuffle_buffer=config.shuffle_buffer, seed=data_seed,
+        flip=True, sample_posterior=True, normalize=True,
+    )
+    if accelerator.is_main_process:
+        logger.info("%s: %s parameters, latents %s, %d classes", config.model, f"{num_parameters:,}",
+                    manifest["latent_shape"], manifest["num_classes"])
+
+    def save_checkpoint() -> Path:
+        return manager.save(
+            step, models={"dit": raw_dit}, emas={"dit": ema}, optimizers={"dit": optimizer},
+            schedulers={"dit": scheduler}, config=config.to_dict(), extra={"nonfinite_guard": guard.state_dict()},
+            data_state={"stream_seed": data_seed, "stream": "resampled; a resume restarts it with "
+                                                            "stream_seed(seed, step)"},
+        )
+
+    metrics_log = MetricsLogger(output_dir / "metrics.jsonl", accelerator=accelerator, total_steps=config.max_steps,
+                                initial_step=step, description="generator",
+                                tracker_project="generator" if config.log_with else None,
+                                tracker_config=config.to_dict())
+    started = time.monotonic()
+    window_start, window_steps = time.monotonic(), 0
+    last_checkpoint_step = step if resume_from is not None else -1
+    batches = iter(loader)
+    grad_norm = 0.0
+    while step < config.max_steps:
+        latents, labels = next(batches)
+        latents = latents.to(device, non_blocking=True)  # (B, C, h, w), normalised
+        labels = labels.to(device, non_blocking=True)  # (B,)
+        with accelerator.accumulate(model):
+            t = torch.randint(0, config.diffusion_steps, (latents.shape[0],), device=device)  # (B,)
+            with accelerator.autocast():
+                per_sample = epsilon_loss(model, schedule, latents, t, model_kwargs={"y": labels})  # (B,)
+                loss = per_sample.mean()
+            if guard.skip(loss):
+                optimizer.zero_grad(set_to_none=True)
+                continue
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                grad_norm = clip_gradients(accelerator, model.parameters(), config.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        if not accelerator.sync_gradients:
+            continue
+        scheduler.step()
+        ema.update(raw_dit)
+        step += 1
+        window_steps += 1
+        metrics_log.advance()
+
+        if step % config.log_every == 0 or step == config.max_steps:
+            elapsed = max(time.monotonic() - window_start, 1e-9)
+            record = {"loss": mean_over_ranks(accelerator, loss.detach()), "grad_norm": grad_norm,
+                      "lr": scheduler.get_last_lr()[0], "steps_per_s": window_steps / elapsed,
+                      "latents_per_s": window_steps * config.batch_size / elapsed,
+                      "nonfinite_skipped": guard.total_skipped}
+            record.update(quartile_losses(per_sample, t, accelerator, t_max=config.diffusion_steps))
+            metrics_log.log(step, record)
+            window_start, window_steps = time.monotonic(), 0
+        if step % config.sample_every == 0 and grid_tokenizer is not None:
+            write_sample_grid(raw_dit, ema, grid_tokenizer, config, output_dir / "samples" / f"step_{step:07d}.png")
+        out_of_time = config.max_minutes is not None and (time.monotonic() - started) / 60 >= config.max_minutes
+        out_of_time = _agree(accelerator, out_of_time)
+        if step % config.checkpoint_every == 0 or step >= config.max_steps or out_of_time:
+            save_checkpoint()
+            last_checkpoint_step = step
+        if out_of_time:
+            break
+    if last_checkpoint_step != step:
+        save_checkpoint()
+    metrics_log.close()
+    final_dir = output_dir / "model"
+    if accelerator.is_main_process:
+        save_final_model(raw_dit, ema, final_dir, {
+            "step": step, "num_parameters": num_parameters, "shards": str(config.shards),
+            "num_samples": manifest["num_samples"], "tokenizer_weights_sha256": manifest["tokenizer"]["weights_sha256"],
+        })
+    accelerator.wait_for_everyone()
+    return TrainedGenerator(final_dir, step, raw_dit, ema, num_parameters)

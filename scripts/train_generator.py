@@ -1,0 +1,53 @@
+#!/usr/bin/env python
+"""Stage 2: train the class-conditional DiT on cached latents. Thin CLI over `pipelines.train_generator`.
+
+Examples:
+    python scripts/train_generator.py --shards runs/latents --model DiT-S/2 --depth 2 --hidden-size 64 \
+        --num-heads 2 --batch-size 16 --max-steps 200 --tokenizer runs/tok/model --output-dir runs/dit
+    accelerate launch --multi_gpu --num_processes 8 scripts/train_generator.py --shards /data/latents \
+        --model DiT-XL/2 --batch-size 256 --precision bf16 --resume auto --output-dir runs/dit-xl
+A resumed run restores model, EMA, optimiser and RNG; the resampled latent stream restarts with a seed derived
+from (seed, step), so it continues with fresh samples rather than replaying the exact data order.
+"""
+from __future__ import annotations
+
+import sys
+
+from pipelines.cli import ArgumentParser, add_config_arguments, config_from_arguments, run_main
+
+MODEL_OVERRIDE_FLAGS = {
+    # flag: (type, help) — collected into GeneratorTrainConfig.model_overrides
+    "hidden_size": (int, "transformer width (preset: S 384, B 768, L 1024, XL 1152)"),
+    "depth": (int, "number of DiT blocks"),
+    "num_heads": (int, "attention heads"),
+    "mlp_ratio": (float, "MLP width / hidden size"),
+    "patch_size": (int, "latent patch size (2, 4, 8)"),
+}
+
+
+def build_parser() -> ArgumentParser:
+    from generator import DiT_models
+    from pipelines.train_generator import GeneratorTrainConfig
+
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
+    add_config_arguments(parser, GeneratorTrainConfig, choices={
+        "model": list(DiT_models), "precision": ["no", "bf16", "fp16"]})
+    group = parser.add_argument_group("model overrides (applied on top of the DiT preset)")
+    for name, (kind, help_text) in MODEL_OVERRIDE_FLAGS.items():
+        group.add_argument("--" + name.replace("_", "-"), dest="override_" + name, type=kind, help=help_text)
+    return parser
+
+
+def main(argv=None) -> None:
+    from pipelines.train_generator import GeneratorTrainConfig, train_generator
+
+    args = build_parser().parse_args(argv)
+    overrides = {name: getattr(args, "override_" + name) for name in MODEL_OVERRIDE_FLAGS
+                 if getattr(args, "override_" + name) is not None}
+    config = config_from_arguments(GeneratorTrainConfig, args, model_overrides=overrides)
+    result = train_generator(config)
+    print(f"DiT ({result.num_parameters:,} parameters) saved to {result.model_dir} at step {result.step}")
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

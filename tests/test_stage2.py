@@ -1,0 +1,407 @@
+"""Stage 2 pipelines: cache latents → verify → train the DiT → save → load, on the offline photos with tiny models.
+
+References are independent of the code under test: latents are re-encoded directly with the tokenizer, stats
+recomputed in float64, normalisation checked against the un-normalised reader.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tarfile
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load as load_safetensors
+
+from data.latent_shards import LatentShardDataset, file_sha256, load_manifest
+from data.sources import build_image_dataset
+from generator.dit import DiT
+from pipelines.cache_latents import CacheLatentsConfig, cache_latents, sample_key
+from pipelines.checkpoints import CheckpointManager
+from pipelines.generate import generate_latents
+from pipelines.logging import read_jsonl
+from pipelines.train_generator import GeneratorTrainConfig, stream_seed, train_generator
+from tokenizer import EpsVAE, load_tokenizer
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RESOLUTION = 32  # tiny tokenizer: f=4 → 8×8×4 latents
+CROPS_PER_CLASS = 3  # 8 photos → 24 images
+TINY_DIT = {"depth": 2, "hidden_size": 64, "num_heads": 2}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """accelerate keeps process-wide state; reset it so each run builds its accelerator from scratch."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    directory = tmp_path_factory.mktemp("tokenizer")
+    EpsVAE.from_preset("tiny", "tiny").save_pretrained(directory)
+    return directory
+
+
+def _cache_config(tokenizer_dir: Path, output_dir: Path, **changes) -> CacheLatentsConfig:
+    values = dict(tokenizer=str(tokenizer_dir), data="offline", output_dir=str(output_dir), resolution=RESOLUTION,
+                  crops_per_class=CROPS_PER_CLASS, batch_size=5, num_workers=0, samples_per_shard=10, verify=True,
+                  cpu=True)
+    return CacheLatentsConfig(**{**values, **changes})
+
+
+@pytest.fixture(scope="module")
+def latent_dir(tokenizer_dir, tmp_path_factory) -> Path:
+    output_dir = tmp_path_factory.mktemp("latents")
+    cache_latents(_cache_config(tokenizer_dir, output_dir))
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    return output_dir
+
+
+def _dataset():
+    return build_image_dataset("offline", "train", RESOLUTION, train=False, crops_per_class=CROPS_PER_CLASS)
+
+
+def _train_config(latent_dir: Path, output_dir: Path, **changes) -> GeneratorTrainConfig:
+    values = dict(shards=str(latent_dir), output_dir=str(output_dir), model="DiT-S/2", model_overrides=TINY_DIT,
+                  batch_size=4, num_workers=0, shuffle_buffer=8, max_steps=3, checkpoint_every=100, log_every=1,
+                  sample_every=100, sample_steps=4, sample_images=4, ema_decay=0.9, cpu=True)
+    values.update(changes)
+    return GeneratorTrainConfig(**values)
+
+
+def _read_shard(path: Path) -> dict[str, dict]:
+    """key → {"moments": {...}, "cls": int}, read with tarfile (not the project's reader)."""
+    samples: dict[str, dict] = {}
+    with tarfile.open(path) as archive:
+        for member in archive:
+            key, _, suffix = member.name.partition(".")
+            data = archive.extractfile(member).read()
+            entry = samples.setdefault(key, {})
+            if suffix == "latent.safetensors":
+                entry["moments"] = load_safetensors(data)
+            elif suffix == "cls":
+                entry["cls"] = int(data.decode())
+    return samples
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Caching
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_cache_stores_center_crop_and_flip_moments_and_a_complete_manifest(tokenizer_dir, latent_dir):
+    dataset = _dataset()
+    tokenizer = load_tokenizer(tokenizer_dir).eval()
+    images = torch.stack([dataset[i][0] for i in range(len(dataset))])  # (N, 3, R, R)
+    labels = [dataset[i][1] for i in range(len(dataset))]
+    with torch.no_grad():
+        plain = tokenizer.encode_posterior(images)
+        flipped = tokenizer.encode_posterior(images.flip(-1))
+
+    manifest = load_manifest(str(latent_dir))
+    assert manifest["num_samples"] == len(dataset) == 8 * CROPS_PER_CLASS
+    assert manifest["latent_shape"] == [4, RESOLUTION // 4, RESOLUTION // 4] and manifest["latent_dtype"] == "float32"
+    assert manifest["class_names"] == dataset.class_names and manifest["num_classes"] == 8
+    assert manifest["tokenizer"]["weights_sha256"] == hashlib.sha256(
+        (tokenizer_dir / "model.safetensors").read_bytes()).hexdigest()
+    assert manifest["tokenizer"]["config"]["model_type"] == "eps_vae"
+    assert [s["count"] for s in manifest["shards"]] == [10, 10, 4] and manifest["skipped"] == []
+    for shard in manifest["shards"]:
+        assert shard["sha256"] == file_sha256(str(latent_dir / shard["name"]))
+
+    seen = {}
+    for shard in manifest["shards"]:
+        seen.update(_read_shard(latent_dir / shard["name"]))
+    assert sorted(seen) == [sample_key(i) for i in range(len(dataset))]
+    for index in (0, 7, len(dataset) - 1):
+        entry = seen[sample_key(index)]
+        assert entry["cls"] == labels[index]
+        torch.testing.assert_close(entry["moments"]["mean"], plain.mean[index], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(entry["moments"]["logvar"], plain.logvar[index], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(entry["moments"]["mean_flip"], flipped.mean[index], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(entry["moments"]["logvar_flip"], flipped.logvar[index], atol=1e-5, rtol=1e-4)
+
+    # Per-channel stats over the means of crops and flips, recomputed in float64.
+    both = torch.cat([plain.mean, flipped.mean]).double()  # (2N, C, h, w)
+    expected_mean = both.mean(dim=(0, 2, 3))
+    expected_std = both.transpose(0, 1).flatten(1).std(dim=1, unbiased=False)
+    torch.testing.assert_close(torch.tensor(manifest["latent_mean"], dtype=torch.float64), expected_mean,
+                               atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(torch.tensor(manifest["latent_std"], dtype=torch.float64), expected_std,
+                               atol=1e-5, rtol=1e-4)
+
+
+def test_rerun_skips_complete_shards_and_redoes_only_missing_ones(tokenizer_dir, latent_dir, tmp_path):
+    work = tmp_path / "latents"
+    shutil.copytree(latent_dir, work)
+    before = (work / "manifest.json").read_text()
+    mtimes = {p.name: p.stat().st_mtime_ns for p in work.glob("*.tar")}
+
+    result = cache_latents(_cache_config(tokenizer_dir, work))
+    assert result.encoded == 0
+    assert (work / "manifest.json").read_text() == before
+    assert {p.name: p.stat().st_mtime_ns for p in work.glob("*.tar")} == mtimes
+
+    # Lose one completed shard (and its sidecar): only its 10 samples are encoded again.
+    (work / "rank00000-000001.tar").unlink()
+    (work / "rank00000-000001.tar.json").unlink()
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    result = cache_latents(_cache_config(tokenizer_dir, work))
+    old, new = json.loads(before), result.manifest
+    assert result.encoded == 10 and new["num_samples"] == old["num_samples"]
+    assert sorted(s["count"] for s in new["shards"]) == [4, 10, 10]
+    for name in ("latent_mean", "latent_std"):
+        torch.testing.assert_close(torch.tensor(new[name]), torch.tensor(old[name]), atol=1e-6, rtol=1e-5)
+
+
+def test_rerun_with_another_tokenizer_is_refused(tokenizer_dir, latent_dir, tmp_path):
+    work = tmp_path / "latents"
+    shutil.copytree(latent_dir, work)
+    other = tmp_path / "other_tokenizer"
+    torch.manual_seed(1)
+    EpsVAE.from_preset("tiny", "tiny").save_pretrained(other)
+    with pytest.raises(ValueError, match="tokenizer_weights_sha256"):
+        cache_latents(_cache_config(other, work))
+
+
+def _run_script(script: str, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, f"scripts/{script}", *args], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_verify_names_the_damaged_shard_and_exits_2(latent_dir, tmp_path):
+    work = tmp_path / "latents"
+    shutil.copytree(latent_dir, work)
+    ok = _run_script("cache_latents.py", "--output-dir", str(work), "--verify", "true")
+    assert ok.returncode == 0, ok.stderr
+    shard = work / "rank00000-000001.tar"
+    data = bytearray(shard.read_bytes())
+    data[700] ^= 0xFF  # inside the first member's payload
+    shard.write_bytes(bytes(data))
+    bad = _run_script("cache_latents.py", "--output-dir", str(work), "--verify", "true")
+    assert bad.returncode == 2
+    assert bad.stderr.count("\n") == 1 and "rank00000-000001.tar" in bad.stderr and "sha256" in bad.stderr
+
+
+def test_cli_bad_tokenizer_dir_and_missing_shards_dir_exit_2(tmp_path):
+    missing = str(tmp_path / "nope")
+    result = _run_script("cache_latents.py", "--tokenizer", missing, "--output-dir", str(tmp_path / "out"),
+                         "--cpu", "true")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and missing in result.stderr
+    result = _run_script("train_generator.py", "--shards", missing, "--output-dir", str(tmp_path / "run"))
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and missing in result.stderr
+    result = _run_script("train_generator.py", "--shards", missing, "--model", "DiT-Q/2")
+    assert result.returncode == 2 and result.stderr.startswith("error:")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_train_save_load_round_trip_and_normalisation(tokenizer_dir, latent_dir, tmp_path):
+    config = _train_config(latent_dir, tmp_path / "run", max_steps=3, sample_every=3, tokenizer=str(tokenizer_dir))
+    trained = train_generator(config)
+    manifest = load_manifest(str(latent_dir))
+    assert trained.step == 3
+    assert trained.num_parameters == sum(p.numel() for p in trained.model.parameters())
+    assert (tmp_path / "run" / "samples" / "step_0000003.png").is_file()
+    records = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert all(r["loss"] > 0 for r in records) and any(k.startswith("loss_q") for k in records[-1])
+
+    loaded = DiT.from_pretrained(trained.model_dir)
+    # The stored config carries the manifest's shape, classes and normalisation stats.
+    assert (loaded.config.input_size, loaded.config.in_channels, loaded.config.num_classes) == (8, 4, 8)
+    assert loaded.config.latent_mean == tuple(manifest["latent_mean"])
+    assert loaded.config.latent_std == tuple(manifest["latent_std"])
+    # model.safetensors holds the EMA weights; the raw weights differ after training.
+    ema_state = trained.ema.state_dict()
+    for name, value in loaded.state_dict().items():
+        torch.testing.assert_close(value, ema_state[name].to(value.dtype), rtol=0, atol=0)
+    assert any(not torch.equal(trained.model.state_dict()[n].cpu(), ema_state[n].cpu()) for n in ema_state)
+
+    # Normalise → denormalise is the identity, and the reader's normalised latents are the DiT's normalisation.
+    options = dict(resampled=False, shuffle_buffer=0, seed=5)
+    raw = next(iter(LatentShardDataset(str(latent_dir), normalize=False, **options)))[0][None]  # (1, C, h, w)
+    normed = next(iter(LatentShardDataset(str(latent_dir), normalize=True, **options)))[0][None]
+    torch.testing.assert_close(loaded.normalize_latents(raw), normed, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(loaded.denormalize_latents(loaded.normalize_latents(raw)), raw, atol=1e-5, rtol=1e-5)
+
+    # Sampling: per-sample seeds give the same latent whatever the batch.
+    generators = [torch.Generator().manual_seed(s) for s in (11, 12)]
+    pair = generate_latents(loaded, torch.tensor([0, 5]), 4, generators)
+    alone = generate_latents(loaded, torch.tensor([5]), 4, [torch.Generator().manual_seed(12)])
+    assert pair.shape == (2, 4, 8, 8) and torch.isfinite(pair).all()
+    torch.testing.assert_close(pair[1:], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_resumed_run_continues_from_the_checkpoint_step(latent_dir, tmp_path):
+    run = tmp_path / "run"
+    train_generator(_train_config(latent_dir, run, max_steps=2, checkpoint_every=1))
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    first_checkpoint = CheckpointManager(run / "checkpoints").resolve("auto")
+    first_weights = (first_checkpoint / "model_dit.safetensors").read_bytes()
+    resumed = train_generator(_train_config(latent_dir, run, max_steps=4, checkpoint_every=1, resume="auto"))
+    assert resumed.step == 4
+    assert [r["step"] for r in read_jsonl(run / "metrics.jsonl")] == [1, 2, 3, 4]
+    final = CheckpointManager(run / "checkpoints").resolve("auto")
+    meta = json.loads((final / "meta.json").read_text())
+    assert meta["step"] == 4 and meta["data_state"]["stream_seed"] == stream_seed(0, 2)
+    # Adam's step counter went on from 2 (the optimiser state was restored, not rebuilt).
+    optimizer_state = torch.load(final / "optimizer_dit.pt", weights_only=True)
+    assert {int(s["step"]) for s in optimizer_state["state"].values()} == {4}
+    assert (final / "model_dit.safetensors").read_bytes() != first_weights
+
+
+def test_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="unknown model"):
+        GeneratorTrainConfig(model="DiT-Q/2")
+    with pytest.raises(ValueError, match="override"):
+        GeneratorTrainConfig(model_overrides={"dropout": 0.1})
+    with pytest.raises(ValueError, match="tokenizer"):
+        CacheLatentsConfig(tokenizer=None)
+    assert dataclasses.asdict(GeneratorTrainConfig())["adam_betas"] == (0.9, 0.999)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Two processes under `accelerate launch` (gloo on CPU)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _launch_two(*args: str) -> None:
+    accelerate_bin = Path(sys.executable).parent / "accelerate"
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    # `--cpu --num_processes 2` starts ONE process in accelerate 1.x; --multi_gpu goes through torchrun and the
+    # script's cpu=True picks gloo.
+    command = [str(accelerate_bin), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()), *args]
+    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_two_process_cache_writes_disjoint_shards_and_merges_the_same_stats(tokenizer_dir, latent_dir, tmp_path):
+    out = tmp_path / "latents2"
+    _launch_two("scripts/cache_latents.py", "--tokenizer", str(tokenizer_dir), "--data", "offline",
+                "--resolution", str(RESOLUTION), "--crops-per-class", str(CROPS_PER_CLASS), "--batch-size", "5",
+                "--num-workers", "0", "--samples-per-shard", "10", "--output-dir", str(out), "--cpu", "true",
+                "--verify", "true")
+    manifest, single = load_manifest(str(out)), load_manifest(str(latent_dir))
+    names = [s["name"] for s in manifest["shards"]]
+    by_rank = [{n for n in names if n.startswith(f"rank0000{r}-")} for r in (0, 1)]
+    assert by_rank[0] and by_rank[1] and not by_rank[0] & by_rank[1] and len(names) == len(set(names))
+    keys = []
+    for name in names:
+        keys += list(_read_shard(out / name))
+    assert sorted(keys) == [sample_key(i) for i in range(single["num_samples"])]  # every image exactly once
+    assert manifest["num_samples"] == single["num_samples"]
+    for name in ("latent_mean", "latent_std"):
+        torch.testing.assert_close(torch.tensor(manifest[name]), torch.tensor(single[name]), atol=1e-5, rtol=1e-4)
+
+
+_TWO_RANK_TRAIN = textwrap.dedent(
+    """
+    import hashlib, sys
+    from pathlib import Path
+    import torch
+    from pipelines.train_generator import GeneratorTrainConfig, train_generator
+
+    shards, out = sys.argv[1], Path(sys.argv[2])
+    config = GeneratorTrainConfig(shards=shards, output_dir=str(out), model="DiT-S/2",
+                                  model_overrides={"depth": 2, "hidden_size": 64, "num_heads": 2}, batch_size=8,
+                                  num_workers=0, shuffle_buffer=8, max_steps=2, log_every=1, ema_decay=0.9,
+                                  cpu=True, collective_timeout_s=120)
+    trained = train_generator(config)
+    digest = hashlib.sha256()
+    for name, tensor in sorted(trained.model.state_dict().items()):
+        digest.update(name.encode()); digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    rank = torch.distributed.get_rank()
+    (out / f"weights_rank{rank}.txt").write_text(f"{trained.step} {digest.hexdigest()}")
+    """
+)
+
+
+@pytest.mark.slow
+def test_two_process_training_keeps_ranks_identical(latent_dir, tmp_path):
+    script = tmp_path / "two_rank_train.py"
+    script.write_text(_TWO_RANK_TRAIN)
+    out = tmp_path / "run"
+    out.mkdir()
+    _launch_two(str(script), str(latent_dir), str(out))
+    ranks = [(out / f"weights_rank{r}.txt").read_text().split() for r in (0, 1)]
+    assert ranks[0][0] == ranks[1][0] == "2"
+    assert ranks[0][1] == ranks[1][1]  # DDP kept both ranks' weights identical
+    initial = DiT.from_pretrained(out / "model").config
+    assert initial.latent_std == tuple(load_manifest(str(latent_dir))["latent_std"])
+    assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [1, 2]
+
+
+def _reset_accelerate() -> None:
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_folder_source_records_bad_files_once_and_webdataset_source_matches(tokenizer_dir, tmp_path):
+    import webdataset as wds
+
+    from data.offline import export_offline_photos
+
+    root = Path(export_offline_photos(str(tmp_path / "folder"), resolution=RESOLUTION, train_crops_per_class=2,
+                                      val_crops_per_class=1))
+    class_dir = sorted((root / "train").iterdir())[0]
+    (class_dir / "zero_bytes.png").write_bytes(b"")  # caught by the folder's index-time scan
+    good_png = next(class_dir.glob("*.png")).read_bytes()
+    (class_dir / "truncated.png").write_bytes(good_png[: len(good_png) // 2])  # valid header, broken pixels
+    config = _cache_config(tokenizer_dir, tmp_path / "from_folder", data=str(root), crops_per_class=None)
+    manifest = cache_latents(config).manifest
+    assert manifest["num_samples"] == 16
+    skipped = {Path(s["path"]).name: s["reason"] for s in manifest["skipped"]}
+    assert set(skipped) == {"zero_bytes.png", "truncated.png"} and "empty" in skipped["zero_bytes.png"]
+    _reset_accelerate()
+    rerun = cache_latents(config)
+    assert rerun.encoded == 0 and rerun.manifest == manifest  # skips are not recorded twice
+
+    # The same crops as webdataset image shards (two shards, classes.txt beside them) give the same latents.
+    shard_dir = tmp_path / "image_shards"
+    shard_dir.mkdir()
+    dataset = build_image_dataset(str(root), "train", RESOLUTION, train=False)
+    for shard_index in range(2):
+        with wds.TarWriter(str(shard_dir / f"train-{shard_index:03d}.tar")) as sink:
+            for index in range(shard_index, len(dataset), 2):
+                path, label = dataset.samples[index]
+                sink.write({"__key__": Path(path).stem, "png": Path(path).read_bytes(), "cls": str(label).encode()})
+    (shard_dir / "classes.txt").write_text("\n".join(dataset.class_names) + "\n")
+    _reset_accelerate()
+    from_shards = cache_latents(_cache_config(tokenizer_dir, tmp_path / "from_shards",
+                                              data=str(shard_dir / "train-{000..001}.tar"), crops_per_class=None))
+    assert from_shards.manifest["num_samples"] == 16 and from_shards.manifest["class_names"] == dataset.class_names
+    for name in ("latent_mean", "latent_std"):
+        torch.testing.assert_close(torch.tensor(from_shards.manifest[name]), torch.tensor(manifest[name]),
+                                   atol=1e-5, rtol=1e-4)
