@@ -1,0 +1,36 @@
+"""The demo pipeline end to end with the `tiny` profile: every artifact produced and well-formed, and reuse."""
+import json
+
+import pytest
+from PIL import Image
+
+from pipelines.demo import run_demo
+
+
+@pytest.mark.slow
+def test_tiny_demo_produces_every_artifact(tmp_path, capsys):
+    out = tmp_path / "demo"
+    metrics = run_demo(out, "tiny", fresh=True)
+
+    written = json.loads((out / "metrics.json").read_text())
+    assert written == json.loads(json.dumps(metrics))
+    for key in ("psnr_1step", "psnr_3step", "ssim_1step", "ssim_3step", "rfd_1step", "rfd_3step"):
+        assert isinstance(written["reconstruction"][key], float)
+    for key in ("fd", "fd_floor", "fd_ceiling"):
+        assert written["generation"][key] >= 0
+    assert set(written["stage_seconds"]) == {"data", "tokenizer", "cache", "generator", "samples", "evaluate"}
+
+    for name in ("recon.png", "grid.png", "loss.png"):
+        with Image.open(out / name) as image:
+            image.verify()
+    with Image.open(out / "grid.png") as grid:  # one row per class (8 photos), 2 per class at 32² ×3 scale
+        assert grid.size[1] == 8 * 32 * 3
+    report = (out / "report.md").read_text()
+    assert "FD-EffNetL0" in report and "FID" not in report.replace("not FID", "")
+    for image_name in ("recon.png", "grid.png", "loss.png"):
+        assert f"({image_name})" in report
+
+    capsys.readouterr()
+    again = run_demo(out, "tiny")  # finished stages are reused, results unchanged
+    assert "reused" in capsys.readouterr().out
+    assert again["generation"] == metrics["generation"]
