@@ -1,0 +1,61 @@
+#!/usr/bin/env python
+"""Benchmarks. `throughput`: images/s of the generation pipeline and of each component (paper Table 3).
+
+Examples:
+    python scripts/benchmark.py throughput --dit DiT-XL/2 --batch-size 2 --precision fp32 bf16 \
+        --timed-steps 2 --out runs/benchmark/throughput
+    python scripts/benchmark.py throughput --quick --out /tmp/bench     # tiny models, seconds
+Models are randomly initialised at the paper's sizes; the 250-step DiT time is extrapolated from the timed
+steps (the report says from how many).
+"""
+from __future__ import annotations
+
+import sys
+
+from pipelines.cli import ArgumentParser, positive_int, run_main
+
+
+def build_parser() -> ArgumentParser:
+    from generator.dit import DiT_models
+    from pipelines.benchmark_throughput import COMPRESSIONS, PRECISION_DTYPES, TOKENIZER_KINDS, ThroughputConfig
+
+    defaults = ThroughputConfig()
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
+    throughput = commands.add_parser("throughput", help="pipeline and component throughput (Table 3)")
+    throughput.add_argument("--dit", default=defaults.dit, choices=list(DiT_models))
+    throughput.add_argument("--batch-size", type=positive_int, default=defaults.batch_size)
+    throughput.add_argument("--precision", nargs="+", dest="precisions", default=list(defaults.precisions),
+                            choices=list(PRECISION_DTYPES), help="fp32 and/or bf16 (autocast)")
+    throughput.add_argument("--compression", nargs="+", dest="compressions", default=list(defaults.compressions),
+                            choices=list(COMPRESSIONS))
+    throughput.add_argument("--tokenizer", nargs="+", dest="tokenizers", default=list(defaults.tokenizers),
+                            choices=list(TOKENIZER_KINDS))
+    throughput.add_argument("--timed-steps", type=positive_int, default=defaults.timed_steps,
+                            help="DiT forwards timed; the ddpm-steps figure is extrapolated from them")
+    throughput.add_argument("--ddpm-steps", type=positive_int, default=defaults.ddpm_steps)
+    throughput.add_argument("--decode-steps", type=positive_int, nargs="+", default=list(defaults.decode_steps))
+    throughput.add_argument("--image-size", type=positive_int, default=defaults.image_size)
+    throughput.add_argument("--decoder", default=defaults.decoder, help="ε-VAE decoder preset (Table 5)")
+    throughput.add_argument("--matmul-size", type=positive_int, default=defaults.matmul_size)
+    throughput.add_argument("--device", default=None)
+    throughput.add_argument("--threads", type=positive_int, default=None,
+                            help="CPU threads (fewer than the cores avoids oversubscription on a shared machine)")
+    throughput.add_argument("--quick", action="store_true", help="tiny models (for tests)")
+    throughput.add_argument("--out", default=defaults.out, help="directory for throughput.json / .md")
+    return parser
+
+
+def main(argv=None) -> None:
+    from pipelines.benchmark_throughput import ThroughputConfig, benchmark_throughput, markdown
+
+    args = vars(build_parser().parse_args(argv))
+    if args.pop("command") == "throughput":
+        config = ThroughputConfig(**args)
+        print(markdown(benchmark_throughput(config)), end="")
+        if config.out:
+            print(f"wrote {config.out}/throughput.json and throughput.md")
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

@@ -1,0 +1,54 @@
+#!/usr/bin/env python
+"""Sample class-conditional images: class ids → DiT (250 DDPM steps) → ε-VAE decoder (1-3 steps) → PNGs.
+
+Examples:
+    python scripts/sample.py --generator runs/dit/model --tokenizer runs/tok/model --classes 207,360,387 \
+        --per-class 4 --out runs/samples/demo
+    accelerate launch --multi_gpu --num_processes 8 scripts/sample.py --generator runs/dit-xl/model \
+        --tokenizer runs/eps-sd-m/model --classes all --num 50000 --seeds 0-49999 --batch-size 125 \
+        --precision bf16 --out runs/samples/fid50k          # rerun the same command to resume
+    python scripts/sample.py --generator runs/dit/model --class-names    # list the classes the DiT knows
+Writes NNNNNN_c<class>_s<seed>.png per image, grid.png, and samples.npz (ADM evaluator format: arr_0, arr_1).
+"""
+from __future__ import annotations
+
+import sys
+
+from pipelines.cli import ArgumentParser, add_config_arguments, config_from_arguments, run_main
+
+
+def build_parser() -> ArgumentParser:
+    from pipelines.sampling import PRECISIONS, SampleConfig
+
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
+    add_config_arguments(parser, SampleConfig, choices={"precision": list(PRECISIONS),
+                                                         "variance": ["fixed_large", "fixed_small"]})
+    parser.add_argument("--class-names", action="store_true",
+                        help="print the class ids and names the generator was trained on, then exit")
+    return parser
+
+
+def main(argv=None) -> None:
+    from pipelines.sampling import SampleConfig, images_per_second, read_provenance, run_sampling
+
+    args = build_parser().parse_args(argv)
+    if args.class_names:
+        if "generator" not in vars(args):
+            raise ValueError("--class-names needs --generator DIR")
+        from generator.dit import load_config
+
+        num_classes = load_config(args.generator).num_classes
+        names = read_provenance(args.generator).get("class_names") or []
+        for index in range(num_classes):
+            print(f"{index}\t{names[index] if index < len(names) else ''}".rstrip())
+        return
+    missing = [flag for flag in ("generator", "tokenizer") if flag not in vars(args)]
+    if missing:
+        raise ValueError(f"sampling needs {' and '.join('--' + m + ' DIR' for m in missing)}")
+    result = run_sampling(config_from_arguments(SampleConfig, args))
+    print(f"{result.num_images} images of {result.image_size}px in {result.out_dir} ({result.generated} new on "
+          f"this rank, {result.skipped} already there; {images_per_second(result):.2f} images/s)")
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

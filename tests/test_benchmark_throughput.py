@@ -1,0 +1,79 @@
+"""`scripts/benchmark.py throughput --quick`: every component timed, JSON + markdown written, sizes checked."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipelines.benchmark_throughput import ThroughputConfig, build_tokenizers, count_flops, speedups
+from pipelines.cli import run_main
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("benchmark_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quick_throughput_writes_json_and_markdown_with_every_component(tmp_path):
+    out = tmp_path / "bench"
+    code = run_main(load_script().main, ["throughput", "--quick", "--precision", "fp32", "bf16", "--timed-steps", "1",
+                                         "--threads", "1", "--out", str(out)])
+    assert code == 0
+    report = json.loads((out / "throughput.json").read_text())
+    rows = {(r["compression"], r["tokenizer"], r["precision"]): r for r in report["rows"]}
+    assert set(rows) == {(c, k, p) for c in ("8x", "16x") for k in ("eps-vae", "vae") for p in ("fp32", "bf16")}
+    for (compression, kind, _), row in rows.items():
+        assert row["dit_step_s"] > 0 and row["encode_s"] > 0 and row["dit_gflop_per_forward"] > 0
+        assert set(row["decode_s"]) == ({"1", "2", "3"} if kind == "eps-vae" else {"1"})
+        assert all(v > 0 for v in row["decode_s"].values())
+        assert row["downsample"] == int(compression[:-1]) and row["extrapolated_from_steps"] == 1
+        # the composed figure is exactly what the docstring promises
+        decode = row["decode_s"]["3" if kind == "eps-vae" else "1"]
+        assert row["pipeline_s_per_batch"] == pytest.approx(250 * row["dit_step_s"] + decode)
+    # 16× compression has a quarter of the tokens of 8×, so fewer DiT FLOPs per forward
+    assert rows[("16x", "vae", "fp32")]["tokens"] * 4 == rows[("8x", "vae", "fp32")]["tokens"]
+    assert rows[("16x", "vae", "fp32")]["dit_gflop_per_forward"] < rows[("8x", "vae", "fp32")]["dit_gflop_per_forward"]
+    assert {(s["tokenizer"], s["precision"]) for s in report["speedups"]} == {
+        (k, p) for k in ("eps-vae", "vae") for p in ("fp32", "bf16")}
+    assert report["machine"]["matmul_gflops"]["fp32"] > 0
+    table = (out / "throughput.md").read_text()
+    assert "extrapolated from 1 timed steps" in table and "16× / 8×" in table
+    assert table.count("| 8x") == 4 and table.count("| 16x") == 4
+
+
+def test_flop_counter_matches_a_hand_count():
+    layer = torch.nn.Linear(64, 32)
+    x = torch.randn(8, 64)
+    assert count_flops(lambda: layer(x)) == 2 * 8 * 64 * 32
+
+
+def test_full_size_models_are_the_papers():
+    """Full sizes on the meta device: sd / sd-f16 encoders (8×, 16×), ε-VAE (M) decoder ≈ 49.33M (Table 7),
+    and the baseline VAE decoder preset closest to it in size."""
+    with torch.device("meta"):
+        models = build_tokenizers(ThroughputConfig(), "16x")
+        assert models["eps-vae"].downsample == 16 and models["vae"].downsample == 16
+        eps_params = sum(p.numel() for p in models["eps-vae"].decoder.parameters())
+        vae_params = sum(p.numel() for p in models["vae"].decoder.parameters())
+        assert abs(eps_params / 1e6 - 49.33) < 1.0
+        assert 0.5 < vae_params / eps_params < 2.0
+        assert build_tokenizers(ThroughputConfig(tokenizers=("vae",)), "8x")["vae"].downsample == 8
+
+
+def test_speedup_ratio():
+    rows = [{"compression": c, "tokenizer": "vae", "precision": "fp32", "pipeline_images_per_s": v}
+            for c, v in (("8x", 2.0), ("16x", 5.0))]
+    assert speedups(rows) == [{"tokenizer": "vae", "precision": "fp32", "ratio_16x_over_8x": 2.5}]
+
+
+@pytest.mark.parametrize("argv", [["throughput", "--precision", "fp64"], ["throughput", "--batch-size", "0"],
+                                  ["nonsense"]])
+def test_bad_arguments_exit_2(argv):
+    with pytest.raises(SystemExit) as exit_:
+        run_main(load_script().main, argv)
+    assert exit_.value.code == 2
