@@ -112,24 +112,16 @@ def _balanced_labels(num_classes: int, count: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def generate_images(dit, tokenizer, labels: torch.Tensor, seeds: list[int], profile: DemoProfile) -> np.ndarray:
-    """DiT DDPM → latents → few-step decode, one generator per image: uint8 (N, H, W, 3)."""
-    from pipelines.generate import generate_latents
-    from pipelines.metrics import to_uint8
-    from tokenizer import EpsVAE
+def generate_images(pipeline, labels: torch.Tensor, seeds: list[int], profile: DemoProfile) -> np.ndarray:
+    """The product's GenerationPipeline (one generator per image), batched: uint8 (N, H, W, 3)."""
+    from pipelines.sampling import make_generators
 
     images = []
     for start in range(0, len(seeds), profile.batch_size):
         batch_seeds = seeds[start:start + profile.batch_size]
-        batch_labels = labels[start:start + profile.batch_size]
-        generators = [torch.Generator().manual_seed(s) for s in batch_seeds]
-        latents = generate_latents(dit, batch_labels, profile.ddpm_steps, generators)
-        decode_generators = [torch.Generator().manual_seed(10_000_000 + s) for s in batch_seeds]
-        if isinstance(tokenizer, EpsVAE):
-            decoded = tokenizer.decode(latents, steps=profile.decode_steps, generator=decode_generators)
-        else:
-            decoded = tokenizer.decode(latents)
-        images.append(to_uint8(decoded).permute(0, 2, 3, 1).numpy())
+        batch = pipeline(labels[start:start + profile.batch_size], make_generators(batch_seeds, "cpu"),
+                         ddpm_steps=profile.ddpm_steps, decode_steps=profile.decode_steps)
+        images.append(batch.permute(0, 2, 3, 1).numpy())
     return np.concatenate(images)
 
 
@@ -237,27 +229,24 @@ def run_demo(out_dir: str | Path = "runs/demo", profile_name: str = "default", f
 
     generator_record = run_stage(out, "generator", generator_stage)
 
-    def load_models():
-        from generator.dit import DiT
-        from tokenizer import load_tokenizer
+    def load_pipeline():
+        from pipelines.sampling import GenerationPipeline
 
-        return (DiT.from_pretrained(generator_record["model_dir"]).eval(),
-                load_tokenizer(tokenizer_record["model_dir"]).eval())
+        return GenerationPipeline.from_pretrained(generator_record["model_dir"], tokenizer_record["model_dir"])
 
     class_names: list[str] = data["class_names"]
 
     def samples_stage() -> dict[str, Any]:
-        dit, tokenizer = load_models()
         k = profile.grid_per_class
         labels = torch.arange(len(class_names)).repeat_interleave(k)  # one row per class
-        images = generate_images(dit, tokenizer, labels, list(range(len(labels))), profile)
+        images = generate_images(load_pipeline(), labels, list(range(len(labels))), profile)
         _save_grid(images, len(class_names), out / "grid.png", row_labels=class_names)
         return {"images": len(images), "summary": f"grid of {len(class_names)} classes × {k} → grid.png"}
 
     run_stage(out, "samples", samples_stage)
 
     def evaluate_stage() -> dict[str, Any]:
-        return evaluate_demo(out, profile, tokenizer_record["model_dir"], load_models, class_names)
+        return evaluate_demo(out, profile, tokenizer_record["model_dir"], load_pipeline, class_names)
 
     evaluation = run_stage(out, "evaluate", evaluate_stage)
 
@@ -272,8 +261,9 @@ def run_demo(out_dir: str | Path = "runs/demo", profile_name: str = "default", f
     return metrics
 
 
-def evaluate_demo(out: Path, profile: DemoProfile, tokenizer_dir: str, load_models, class_names) -> dict[str, Any]:
+def evaluate_demo(out: Path, profile: DemoProfile, tokenizer_dir: str, load_pipeline, class_names) -> dict[str, Any]:
     from generator.dit import DiT
+    from pipelines.sampling import GenerationPipeline
     from pipelines.evaluate import ReconstructionEvalConfig, evaluate_reconstruction, reconstruct
     from pipelines.metrics import build_feature_extractor, frechet_distance, to_uint8
 
@@ -288,7 +278,8 @@ def evaluate_demo(out: Path, profile: DemoProfile, tokenizer_dir: str, load_mode
                       "rfd_1step": by_steps[1].rfd, "rfd_3step": by_steps[3].rfd,
                       "num_images": by_steps[1].num_images}
 
-    dit, tokenizer = load_models()
+    pipeline = load_pipeline()
+    tokenizer = pipeline.tokenizer
     val = _offline("val", profile)
     # recon.png: one validation crop per class, input | 1-step | 3-step.
     per_class = [next(i for i in range(len(val)) if val[i][1] == c) for c in range(len(class_names))]
@@ -303,12 +294,11 @@ def evaluate_demo(out: Path, profile: DemoProfile, tokenizer_dir: str, load_mode
     real = np.stack([val.crop_array(i) for i in range(2 * n)])  # (2n, H, W, 3) uint8
     real_a, real_b = real[0::2], real[1::2]
     labels = _balanced_labels(len(class_names), n)
-    generated = generate_images(dit, tokenizer, labels, list(range(100_000, 100_000 + n)), profile)
+    generated = generate_images(pipeline, labels, list(range(100_000, 100_000 + n)), profile)
     # The untrained pipeline: same architectures, fresh weights.
     torch.manual_seed(profile.seed)
-    untrained_dit = DiT(dit.config).eval()
-    untrained_tokenizer = type(tokenizer)(tokenizer.config).eval()
-    untrained = generate_images(untrained_dit, untrained_tokenizer, labels, list(range(200_000, 200_000 + n)), profile)
+    untrained_pipeline = GenerationPipeline(DiT(pipeline.dit.config), type(tokenizer)(tokenizer.config))
+    untrained = generate_images(untrained_pipeline, labels, list(range(200_000, 200_000 + n)), profile)
 
     extractor = build_feature_extractor("effnet-l0")
     stats_a = _features(extractor, real_a)
