@@ -1,11 +1,12 @@
 #!/usr/bin/env python
-"""Benchmarks. `throughput`: images/s of the generation pipeline and of each component (paper Table 3).
+"""Benchmarks. `throughput`: images/s of the pipeline and its parts (Table 3); `tokenizer`: the paper's studies.
 
 Examples:
     python scripts/benchmark.py throughput --dit DiT-XL/2 --batch-size 2 --precision fp32 bf16 \
         --timed-steps 2 --out runs/benchmark/throughput
     python scripts/benchmark.py throughput --quick --out /tmp/bench     # tiny models, seconds
-Models are randomly initialised at the paper's sizes; the 250-step DiT time is extrapolated from the timed
+    python scripts/benchmark.py tokenizer --study vae-vs-eps --profile quick --out runs/bench
+Throughput models are randomly initialised at the paper's sizes; the 250-step DiT time is extrapolated from the timed
 steps (the report says from how many).
 """
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pipelines.cli import ArgumentParser, positive_int, run_main
 def build_parser() -> ArgumentParser:
     from generator.dit import DiT_models
     from pipelines.benchmark_throughput import COMPRESSIONS, PRECISION_DTYPES, TOKENIZER_KINDS, ThroughputConfig
+    from pipelines.tokenizer_studies import add_tokenizer_study_arguments
 
     defaults = ThroughputConfig()
     parser = ArgumentParser(description=__doc__.splitlines()[0])
@@ -43,13 +45,21 @@ def build_parser() -> ArgumentParser:
                             help="CPU threads (fewer than the cores avoids oversubscription on a shared machine)")
     throughput.add_argument("--quick", action="store_true", help="tiny models (for tests)")
     throughput.add_argument("--out", default=defaults.out, help="directory for throughput.json / .md")
+    studies = commands.add_parser("tokenizer", help="controlled tokenizer studies (Tables 4, 7; Fig. 2-3)")
+    add_tokenizer_study_arguments(studies)
     return parser
 
 
 def main(argv=None) -> None:
     from pipelines.benchmark_throughput import ThroughputConfig, benchmark_throughput, markdown
 
-    args = vars(build_parser().parse_args(argv))
+    namespace = build_parser().parse_args(argv)
+    if namespace.command == "tokenizer":
+        from pipelines.tokenizer_studies import run_tokenizer_study
+
+        run_tokenizer_study(namespace)
+        return
+    args = vars(namespace)
     if args.pop("command") == "throughput":
         config = ThroughputConfig(**args)
         print(markdown(benchmark_throughput(config)), end="")

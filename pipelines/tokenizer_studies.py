@@ -1,0 +1,930 @@
+"""Tokenizer benchmark studies: the paper's controlled comparisons, rerun at a chosen scale (project issue 9).
+
+    run_study("ladder", "quick", "runs/studies")   →   runs/studies/ladder/{results.json, results.md, *.png}
+
+| study         | paper                    | what varies (everything else is shared)                                |
+|---------------|--------------------------|------------------------------------------------------------------------|
+| `vae-vs-eps`  | Table 7                  | VAE vs ε-VAE decoder at ≥ 2 widths, grouped by comparable parameters    |
+| `ladder`      | Table 4                  | the baseline → (a) … (g) design changes, one added per row              |
+| `steps`       | Fig. 3 right             | decode steps 1-10 × uniform / reversed-log spacing (one trained model)  |
+| `gamma`       | Fig. 3 middle            | noise scaling γ                                                        |
+| `compression` | Fig. 2 middle / right    | latent channels and downsampling factor, VAE vs ε-VAE                  |
+| `resolution`  | Table 1 (Table 7 †)      | evaluation resolution (trained at the profile's, evaluated at 1× / 2×) |
+
+Every run of a study shares data, seed, crop size, encoder architecture (and its initial weights), number of
+training steps, batch and optimiser; only the studied factor changes. Each evaluation reports rFD-EffNetL0,
+PSNR, SSIM and the EffNet-L0 perceptual distance on held-out validation crops, plus decoder parameters, training
+images/s and decode images/s. Profiles: `micro` (seconds, for tests), `quick` (each study under ~20 minutes on a
+2-core CPU: tiny models, 64² crops, a per-run time cap), `full` (the paper's sizes, for GPUs).
+
+Resumable: run `r` of study `s` lives in `<out>/s/runs/r/`; a finished run (its `result.json`) is reused, a
+trained but unevaluated run is only evaluated, and training resumes from its newest checkpoint. Runs whose
+training settings are identical (e.g. ladder rows (f) and (g), which differ only at inference) share one model.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from tokenizer.encoder import ENCODER_PRESETS, EncoderConfig, multipliers_for_downsample
+from tokenizer.models import EpsVAEConfig, VAEConfig
+from tokenizer.unet import ADM_PRESETS, ADMConfig
+from tokenizer.vae_decoder import VAE_DECODER_PRESETS, VAEDecoderConfig
+
+FD_LABEL = "rFD-EffNetL0"
+SPEC_FILE, RESULT_FILE = "spec.json", "result.json"
+
+
+# ------------------------------------------------------------------------------------------------------ profiles
+@dataclass(frozen=True)
+class StudyProfile:
+    """Sizes, budgets and sweep values of one scale. Models are built from these configs directly (not from the
+    preset names), so the CPU profiles can use widths the model registries do not carry."""
+
+    resolution: int
+    encoder: EncoderConfig  # its downsample / latent_channels are the default compression setting
+    eps_decoders: dict[str, ADMConfig]  # ε-VAE decoder widths by name
+    vae_decoders: dict[str, VAEDecoderConfig]  # baseline VAE decoder widths by name
+    decoder: str  # the ε-VAE decoder of the single-width studies
+    vae_decoder: str  # the VAE decoder of compression / resolution
+    width_groups: tuple[tuple[str, str], ...]  # (VAE width, ε-VAE width) pairs of comparable size (Table 7)
+    discriminator: str = "tiny"
+    perceptual: str = "effnet-l0"  # training perceptual loss; the *metric* is always EffNet-L0
+    batch_size: int = 16
+    lr: float = 2e-4
+    warmup_steps: int = 20
+    ema_decay: float = 0.98
+    disc_start: int = 0
+    train_steps: int = 100  # the same for every run of a study
+    study_minutes: float | None = None  # wall budget of a study (see `time_cap_minutes`); None = no cap
+    train_share: float = 0.7  # of the budget, for training; the rest is start-up and evaluation
+    checkpoint_every: int = 1000
+    eval_images: int | None = 64  # balanced across classes; None = the whole validation split
+    eval_batch: int = 32
+    feature_size: int = 224  # EffNet-L0 input side for the FD (224 = its ImageNet size; micro shrinks it)
+    decode_steps: int = 3  # headline NFE of ε-VAE rows (the paper's final setting, Table 4 (g))
+    ladder_nfes: tuple[int, ...] = (1, 2, 3, 5, 10)
+    ladder_rows: tuple[str, ...] | None = None  # None = all rows of LADDER
+    saturation_tolerance: float = 0.05  # NFE where rFD is within 5% of the row's best (Table 4's NFE column)
+    sweep_steps: tuple[int, ...] = (1, 2, 3, 5, 10)
+    gammas: tuple[float, ...] = (0.4, 0.6, 0.8, 1.0)
+    downsamples: tuple[int, ...] = (4, 8, 16)
+    latent_channels: tuple[int, ...] = (4, 8, 16)
+    resolution_multipliers: tuple[int, ...] = (1, 2)
+    precision: str = "no"
+    num_workers: int = 0
+    log_every: int = 10
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_MICRO_ENCODER = EncoderConfig(kind="lite", base_channels=8, channel_multipliers=(1, 2, 2, 2), num_res_blocks=1,
+                               latent_channels=4, mid_attention=False)
+_QUICK_ENCODER = dataclasses.replace(ENCODER_PRESETS["tiny-lite"], latent_channels=8,
+                                     channel_multipliers=multipliers_for_downsample((1, 2, 2), 16))
+
+PROFILES: dict[str, StudyProfile] = {
+    # Tests: 32² crops, 8-channel models, 2 steps, one image per class; two runs where a study has more.
+    "micro": StudyProfile(
+        resolution=32, encoder=_MICRO_ENCODER,
+        eps_decoders={"micro": ADMConfig(base_channels=8, channel_multipliers=(1, 2), num_res_blocks=1,
+                                         attention_downsample=(2,), head_channels=8)},
+        vae_decoders={"micro": VAEDecoderConfig(base_channels=8, channel_multipliers=(1, 2), num_res_blocks=1)},
+        decoder="micro", vae_decoder="micro", width_groups=(("micro", "micro"),), batch_size=4, warmup_steps=1,
+        ema_decay=0.5, train_steps=2, eval_images=8, eval_batch=8, feature_size=64, decode_steps=2,
+        ladder_nfes=(1, 2), ladder_rows=("baseline", "g"), sweep_steps=(1, 2), gammas=(0.6, 1.0), downsamples=(8,),
+        latent_channels=(4,), log_every=1),
+    # 2-core CPU, ~20 min per study: ε-VAE-lite compression (f16, 8 channels) on 64² crops, ~1M-parameter decoders.
+    "quick": StudyProfile(
+        resolution=64, encoder=_QUICK_ENCODER,
+        eps_decoders={"S16": dataclasses.replace(ADM_PRESETS["S"], base_channels=16), "S": ADM_PRESETS["S"]},
+        vae_decoders={"w24": VAEDecoderConfig(base_channels=24, num_res_blocks=1),
+                      "w32": VAEDecoderConfig(base_channels=32, num_res_blocks=1)},
+        decoder="S16", vae_decoder="w24", width_groups=(("w24", "S16"), ("w32", "S")), batch_size=8,
+        warmup_steps=20, disc_start=20, train_steps=100, study_minutes=20.0, train_share=0.7, checkpoint_every=50,
+        eval_images=48, eval_batch=48, ladder_nfes=(1, 2, 3, 5, 10)),
+    # GPUs, the paper's setting: ε-VAE-lite encoder, Table 5 decoders, 128², 1M steps at batch 256 (appendix C.2).
+    "full": StudyProfile(
+        resolution=128, encoder=ENCODER_PRESETS["lite"],
+        eps_decoders={name: ADM_PRESETS[name] for name in ("B", "M", "L", "XL", "H")},
+        vae_decoders={name: VAE_DECODER_PRESETS[name] for name in ("B", "M", "L", "XL", "H")},
+        decoder="B", vae_decoder="B", width_groups=(("M", "B"), ("XL", "M"), ("H", "XL")),  # Table 7's groups
+        discriminator="default", perceptual="lpips-vgg", batch_size=256, lr=1e-4, warmup_steps=5000,
+        ema_decay=0.999, train_steps=1_000_000, checkpoint_every=10_000, eval_images=10_000, eval_batch=64,
+        ladder_nfes=(1, 2, 3, 5, 10, 50, 100, 1000), downsamples=(4, 8, 16, 32), latent_channels=(4, 8, 16, 32),
+        resolution_multipliers=(1, 2, 4), precision="bf16", num_workers=8, log_every=100),
+}
+
+
+# ------------------------------------------------------------------------------------------------------ run specs
+@dataclass(frozen=True)
+class EvalVariant:
+    """One way of decoding the validation crops: resolution × NFE × time spacing (None: the VAE's single pass)."""
+
+    resolution: int
+    steps: int | None
+    spacing: str | None
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One trained model and how it is evaluated. `info` carries the study's own labels (group, γ, ...)."""
+
+    name: str
+    label: str
+    model_type: str  # "eps_vae" | "vae"
+    model_config: dict[str, Any]  # EpsVAEConfig / VAEConfig as a dict
+    perceptual_weight: float = 0.5
+    adversarial_weight: float = 0.5
+    variants: tuple[EvalVariant, ...] = ()
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def training_key(self) -> str:
+        """What training depends on: the spacing of Eq. 13 is inference-only, so runs that differ only in it
+        share one model."""
+        config = {k: v for k, v in self.model_config.items() if k != "time_spacing"}
+        return json.dumps([self.model_type, config, self.perceptual_weight, self.adversarial_weight], sort_keys=True)
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+def encoder_config(profile: StudyProfile, downsample: int | None = None, latent_channels: int | None = None):
+    encoder = profile.encoder
+    if latent_channels is not None:
+        encoder = dataclasses.replace(encoder, latent_channels=latent_channels)
+    if downsample is not None:
+        encoder = dataclasses.replace(encoder, channel_multipliers=multipliers_for_downsample(
+            encoder.channel_multipliers, downsample))
+    return encoder
+
+
+def eps_config(profile: StudyProfile, decoder: str | None = None, downsample: int | None = None,
+               latent_channels: int | None = None, **overrides) -> dict[str, Any]:
+    """An ε-VAE config (the paper's defaults unless overridden: velocity, logit-normal t, γ = 0.6) as a dict."""
+    decoder = decoder or profile.decoder
+    config = EpsVAEConfig(encoder=encoder_config(profile, downsample, latent_channels),
+                          decoder=profile.eps_decoders[decoder], decoder_preset=decoder, **overrides)
+    return config.to_dict()
+
+
+def vae_config(profile: StudyProfile, decoder: str | None = None, downsample: int | None = None,
+               latent_channels: int | None = None) -> dict[str, Any]:
+    decoder = decoder or profile.vae_decoder
+    return VAEConfig(encoder=encoder_config(profile, downsample, latent_channels),
+                     decoder=profile.vae_decoders[decoder], decoder_preset=decoder).to_dict()
+
+
+def _eps_variants(profile: StudyProfile, steps=None, spacings=("reversed_log",), multipliers=(1,)):
+    steps = steps or (profile.decode_steps,)
+    return tuple(EvalVariant(profile.resolution * m, s, spacing)
+                 for m in multipliers for spacing in spacings for s in steps)
+
+
+def _vae_variants(profile: StudyProfile, multipliers=(1,)):
+    return tuple(EvalVariant(profile.resolution * m, None, None) for m in multipliers)
+
+
+def vae_vs_eps_runs(profile: StudyProfile) -> list[RunSpec]:
+    """Table 7: for each width group, the VAE and the ε-VAE decoder of comparable parameter count."""
+    runs = []
+    for group, (vae_width, eps_width) in enumerate(profile.width_groups):
+        runs.append(RunSpec(f"vae-{vae_width}", f"VAE ({vae_width})", "vae", vae_config(profile, vae_width),
+                            variants=_vae_variants(profile), info={"group": group, "width": vae_width}))
+        runs.append(RunSpec(f"eps-{eps_width}", f"ε-VAE ({eps_width})", "eps_vae", eps_config(profile, eps_width),
+                            variants=_eps_variants(profile), info={"group": group, "width": eps_width}))
+    return runs
+
+
+@dataclass(frozen=True)
+class LadderRow:
+    """A row of Table 4: `change` is applied on top of every earlier row (model fields, loss weights, spacing)."""
+
+    key: str
+    description: str
+    change: dict[str, Any]
+    skipped: str | None = None
+
+    @property
+    def short(self) -> str:
+        return self.key if self.key == "baseline" else f"({self.key})"
+
+
+LADDER: tuple[LadderRow, ...] = (
+    LadderRow("baseline", "Baseline: DDPM-based diffusion decoder",
+              {"parameterization": "epsilon", "time_sampling": "uniform", "gamma": 1.0, "time_spacing": "uniform",
+               "perceptual_weight": 0.0, "adversarial_weight": 0.0}),
+    LadderRow("a", "(a) Diffusion → Rectified flow parameterization", {"parameterization": "velocity"}),
+    LadderRow("b", "(b) Uniform → Logit-normal time step sampling during training", {"time_sampling": "logit_normal"}),
+    LadderRow("c", "(c) DDPM UNet → ADM UNet", {},
+              skipped="not reproducible here: the project has only the ADM UNet, which every row already uses"),
+    LadderRow("d", "(d) Perceptual matching on x̂0_t and x0", {"perceptual_weight": 0.5}),
+    LadderRow("e", "(e) Adversarial denoising trajectory matching on (x̂0_t, x_t) and (x0, x_t)",
+              {"adversarial_weight": 0.5}),
+    LadderRow("f", "(f) Scale x_t by γ = 0.6", {"gamma": 0.6}),
+    LadderRow("g", "(g) Uniform → Reversed logarithm time spacing during inference", {"time_spacing": "reversed_log"}),
+)
+LADDER_BY_KEY = {row.key: row for row in LADDER}
+
+
+def ladder_settings(rows: tuple[str, ...] | None = None) -> list[tuple[LadderRow, dict[str, Any]]]:
+    """Cumulative settings of each row (Table 4 builds each row on the previous one); skipped rows included."""
+    wanted = set(rows) if rows is not None else set(LADDER_BY_KEY)
+    unknown = wanted - set(LADDER_BY_KEY)
+    if unknown:
+        raise ValueError(f"unknown ladder rows {sorted(unknown)}; choose from {list(LADDER_BY_KEY)}")
+    settings, out = {}, []
+    for row in LADDER:
+        settings = {**settings, **row.change}
+        if row.key in wanted:
+            out.append((row, dict(settings)))
+    return out
+
+
+def ladder_runs(profile: StudyProfile) -> list[RunSpec]:
+    runs = []
+    for row, settings in ladder_settings(profile.ladder_rows):
+        if row.skipped:
+            continue
+        model = {k: v for k, v in settings.items() if k not in ("perceptual_weight", "adversarial_weight")}
+        runs.append(RunSpec(
+            f"row-{row.key}", row.description, "eps_vae", eps_config(profile, **model),
+            perceptual_weight=settings["perceptual_weight"], adversarial_weight=settings["adversarial_weight"],
+            variants=_eps_variants(profile, profile.ladder_nfes, (settings["time_spacing"],)),
+            info={"row": row.key}))
+    return runs
+
+
+def steps_runs(profile: StudyProfile) -> list[RunSpec]:
+    """Fig. 3 right: one trained ε-VAE decoded with each step count under both spacings."""
+    return [RunSpec("eps", f"ε-VAE ({profile.decoder})", "eps_vae", eps_config(profile),
+                    variants=_eps_variants(profile, profile.sweep_steps, ("uniform", "reversed_log")))]
+
+
+def gamma_runs(profile: StudyProfile) -> list[RunSpec]:
+    return [RunSpec(f"gamma-{gamma:g}", f"γ = {gamma:g}", "eps_vae", eps_config(profile, gamma=gamma),
+                    variants=_eps_variants(profile), info={"gamma": gamma}) for gamma in profile.gammas]
+
+
+def compression_settings(profile: StudyProfile) -> list[tuple[int, int]]:
+    """(downsample, channels): the downsampling sweep at the default width, then the width sweep at the default
+    downsampling (Fig. 2 right / middle); the shared default setting appears once."""
+    default_f, default_c = profile.encoder.downsample, profile.encoder.latent_channels
+    settings = [(f, default_c) for f in profile.downsamples] + [(default_f, c) for c in profile.latent_channels]
+    return list(dict.fromkeys(settings))
+
+
+def compression_runs(profile: StudyProfile) -> list[RunSpec]:
+    runs = []
+    for f, c in compression_settings(profile):
+        info = {"downsample": f, "latent_channels": c}
+        runs.append(RunSpec(f"vae-f{f}-c{c}", f"VAE f{f} c{c}", "vae", vae_config(profile, None, f, c),
+                            variants=_vae_variants(profile), info=info))
+        runs.append(RunSpec(f"eps-f{f}-c{c}", f"ε-VAE f{f} c{c}", "eps_vae", eps_config(profile, None, f, c),
+                            variants=_eps_variants(profile), info=info))
+    return runs
+
+
+def resolution_runs(profile: StudyProfile) -> list[RunSpec]:
+    """Table 1 / Table 7 †: trained at the profile's resolution, evaluated at every multiple of it."""
+    m = profile.resolution_multipliers
+    return [RunSpec("vae", f"VAE ({profile.vae_decoder})", "vae", vae_config(profile),
+                    variants=_vae_variants(profile, m)),
+            RunSpec("eps", f"ε-VAE ({profile.decoder})", "eps_vae", eps_config(profile),
+                    variants=_eps_variants(profile, multipliers=m))]
+
+
+# --------------------------------------------------------------------------------------------------- pure helpers
+def saturating_nfe(rfd_by_nfe: dict[int, float], tolerance: float = 0.05) -> int:
+    """Table 4's NFE: the fewest steps whose rFD is within `tolerance` (relative) of the row's best rFD."""
+    if not rfd_by_nfe:
+        raise ValueError("need at least one (NFE, rFD) pair")
+    best = min(rfd_by_nfe.values())
+    return min(nfe for nfe, rfd in rfd_by_nfe.items() if rfd <= best + tolerance * abs(best))
+
+
+def relative_improvement(reference: float, value: float) -> float:
+    """(reference - value) / reference: Table 7's Δ ratio (positive = `value` is better, lower)."""
+    return (reference - value) / reference if reference else float("nan")
+
+
+def frechet_distance_of_features(x: np.ndarray, y: np.ndarray) -> float:
+    """FD between two feature sets (N, D), exact. With fewer samples than dimensions (the CPU profiles: tens of
+    images, D = 1280) the covariances have rank < N, and tr((Σx Σy)^½) is the nuclear norm of the small
+    (Nx, Ny) matrix Ax·Ayᵀ, where Σ = AᵀA and A = centred features / √(N − 1): the nonzero eigenvalues of
+    AxᵀAx·AyᵀAy are those of (AxAyᵀ)(AxAyᵀ)ᵀ. That avoids two 1280² eigendecompositions per evaluation."""
+    from pipelines.metrics import FeatureStats, frechet_distance
+
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    if min(len(x), len(y)) < 2 or x.shape[1] != y.shape[1]:
+        raise ValueError(f"need two feature sets (N >= 2, same D), got {x.shape} and {y.shape}")
+    if max(len(x), len(y)) >= x.shape[1]:
+        stats = []
+        for features in (x, y):
+            stats.append(FeatureStats(features.shape[1]))
+            stats[-1].update(features)
+        return frechet_distance(*stats[0].mean_cov(), *stats[1].mean_cov())
+    a = (x - x.mean(0)) / math.sqrt(len(x) - 1)  # (Nx, D)
+    b = (y - y.mean(0)) / math.sqrt(len(y) - 1)  # (Ny, D)
+    diff = x.mean(0) - y.mean(0)
+    trace_sqrt = np.linalg.svd(a @ b.T, compute_uv=False).sum()
+    return float(max(diff @ diff + (a * a).sum() + (b * b).sum() - 2 * trace_sqrt, 0.0))
+
+
+def time_cap_minutes(budget_minutes: float | None, spent_seconds: float, runs_left: int, total_runs: int,
+                     floor_fraction: float = 0.25) -> float | None:
+    """A run's training cap: what is left of the study's training budget, shared evenly by the runs still to
+    train (fast runs, e.g. the VAE's, leave time to slower ones), but never below `floor_fraction` of an even
+    share so a late run is not starved. With the profile's step count every run normally ends before its cap."""
+    if budget_minutes is None:
+        return None
+    left = max(budget_minutes - spent_seconds / 60, 0.0)
+    return max(left / max(runs_left, 1), floor_fraction * budget_minutes / max(total_runs, 1))
+
+
+def balanced_indices(length: int, count: int | None) -> list[int]:
+    """`count` evenly spaced indices of a class-ordered split, so every class is represented."""
+    if count is None or count >= length:
+        return list(range(length))
+    return sorted({int(round(i)) for i in np.linspace(0, length - 1, count)})
+
+
+# ----------------------------------------------------------------------------------------------------- evaluation
+def _autocast(device: torch.device, precision: str):
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class StudyEvaluator:
+    """Shared by a study's runs: the EffNet-L0 networks, the validation subset and its FD statistics per
+    resolution (computed once), so every run is measured on exactly the same crops."""
+
+    def __init__(self, profile: StudyProfile, data: str, device: torch.device):
+        from pipelines.metrics import EffNetFeatures
+        from tokenizer.perceptual import build_perceptual
+
+        self.profile, self.data, self.device = profile, data, device
+        self.extractor = EffNetFeatures(device=device, size=profile.feature_size)
+        self.perceptual = build_perceptual("effnet-l0").to(device)
+        self._real_features: dict[int, np.ndarray] = {}  # resolution → (N, D) float64
+
+    def _loader(self, resolution: int):
+        from torch.utils.data import DataLoader, IterableDataset, Subset
+
+        from data.sources import build_image_dataset
+
+        dataset = build_image_dataset(self.data, split="val", resolution=resolution, train=False)
+        if not isinstance(dataset, IterableDataset):
+            dataset = Subset(dataset, balanced_indices(len(dataset), self.profile.eval_images))
+        return DataLoader(dataset, batch_size=self.profile.eval_batch, shuffle=False,
+                          num_workers=self.profile.num_workers)
+
+    @torch.no_grad()
+    def evaluate(self, tokenizer, variants: tuple[EvalVariant, ...]) -> list[dict[str, Any]]:
+        """Metrics of every variant; ε-VAE noise comes from one generator per image (seed + index), as in
+        `pipelines.evaluate`, so numbers do not depend on the batch size."""
+        from pipelines.metrics import psnr, ssim, to_uint8
+        from tokenizer import EpsVAE
+
+        rows = []
+        for resolution in dict.fromkeys(v.resolution for v in variants):
+            group = [v for v in variants if v.resolution == resolution]
+            need_real = resolution not in self._real_features
+            real_features = []
+            buckets = {v: {"psnr": [], "ssim": [], "perceptual": [], "features": [], "seconds": 0.0} for v in group}
+            seen = 0
+            for images, _labels in self._loader(resolution):
+                if self.profile.eval_images is not None and seen >= self.profile.eval_images:
+                    break  # streaming sources: the first eval_images crops
+                images = images.to(self.device)  # (B, 3, H, W) in [-1, 1]
+                real_u8 = to_uint8(images)
+                if need_real:
+                    real_features.append(self.extractor(real_u8)["pool"])  # (B, D) float64
+                with _autocast(self.device, self.profile.precision):
+                    z = tokenizer.encode(images, sample=False)
+                for variant in group:
+                    _synchronize(self.device)
+                    started = time.perf_counter()
+                    with _autocast(self.device, self.profile.precision):
+                        if isinstance(tokenizer, EpsVAE):
+                            generators = [torch.Generator(device=self.device).manual_seed(self.profile.seed + seen + i)
+                                          for i in range(images.shape[0])]
+                            recon = tokenizer.decode(z, steps=variant.steps, generator=generators,
+                                                     spacing=variant.spacing)
+                        else:
+                            recon = tokenizer.decode(z)
+                    _synchronize(self.device)
+                    bucket = buckets[variant]
+                    bucket["seconds"] += time.perf_counter() - started
+                    recon_u8 = to_uint8(recon.float())
+                    bucket["psnr"].append(psnr(real_u8, recon_u8))
+                    bucket["ssim"].append(ssim(real_u8, recon_u8))
+                    bucket["perceptual"].append(self.perceptual(recon_u8.float() / 127.5 - 1,
+                                                                real_u8.float() / 127.5 - 1).float().cpu())
+                    bucket["features"].append(self.extractor(recon_u8)["pool"])  # (B, D) float64
+                seen += images.shape[0]
+            if seen < 2:
+                raise ValueError(f"the val split of {self.data!r} has {seen} images at {resolution}px; "
+                                 "a Fréchet distance needs at least 2")
+            if need_real:
+                self._real_features[resolution] = torch.cat(real_features).numpy()
+            for variant in group:
+                bucket = buckets[variant]
+                rows.append({**dataclasses.asdict(variant),
+                             "rfd": frechet_distance_of_features(self._real_features[resolution],
+                                                                 torch.cat(bucket["features"]).numpy()),
+                             "psnr": float(torch.cat(bucket["psnr"]).mean()),
+                             "ssim": float(torch.cat(bucket["ssim"]).mean()),
+                             "perceptual": float(torch.cat(bucket["perceptual"]).mean()),
+                             "decode_images_per_s": seen / max(bucket["seconds"], 1e-9), "num_images": seen})
+        return rows
+
+
+def _num_params(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+# ----------------------------------------------------------------------------------------------------- execution
+def _write_json(path: Path, payload: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    tmp.replace(path)
+
+
+def _train_config(spec: RunSpec, profile: StudyProfile, run_dir: Path, data: str, max_minutes: float | None,
+                  perceptual_weights: str | None):
+    from pipelines.train_tokenizer import TokenizerTrainConfig
+
+    return TokenizerTrainConfig(
+        output_dir=str(run_dir / "train"), model_type=spec.model_type,
+        encoder=spec.model_config.get("encoder_preset") or "custom",
+        decoder=spec.model_config.get("decoder_preset") or "custom", init_from=str(run_dir / "init"),
+        discriminator=profile.discriminator, data=data, resolution=profile.resolution,
+        batch_size=profile.batch_size, num_workers=profile.num_workers, lr=profile.lr, disc_lr=profile.lr,
+        warmup_steps=profile.warmup_steps, max_steps=profile.train_steps, max_minutes=max_minutes,
+        ema_decay=profile.ema_decay, perceptual=profile.perceptual, perceptual_weights=perceptual_weights,
+        perceptual_weight=spec.perceptual_weight, adversarial_weight=spec.adversarial_weight,
+        disc_start=profile.disc_start, precision=profile.precision, seed=profile.seed,
+        checkpoint_every=profile.checkpoint_every, keep_last=1, log_every=profile.log_every, image_every=10**9,
+        resume="auto")
+
+
+def _spec_record(spec: RunSpec, train_config) -> dict[str, Any]:
+    """What must match for a stored run to be reused (paths and the time cap may change between calls)."""
+    settings = {k: v for k, v in train_config.to_dict().items() if k not in ("output_dir", "init_from", "max_minutes")}
+    return json.loads(json.dumps({"run": spec.to_dict(), "training": settings}))
+
+
+def train_run(spec: RunSpec, profile: StudyProfile, run_dir: Path, data: str, max_minutes: float | None,
+              perceptual_weights: str | None = None) -> dict[str, Any]:
+    """Train (or resume, or reuse) one run; returns its training record (`trained.json`)."""
+    from accelerate import PartialState
+
+    from pipelines import train_tokenizer as stage1
+    from pipelines.logging import read_jsonl
+    from tokenizer import EpsVAE, VAE
+
+    state = PartialState()
+    record_path = run_dir / "trained.json"
+    if record_path.is_file():
+        return json.loads(record_path.read_text())
+    init_dir = run_dir / "init"
+    if state.is_main_process and not (init_dir / "config.json").is_file():
+        # Same seed before building: runs sharing an encoder architecture also share its initial weights.
+        torch.manual_seed(profile.seed)
+        model_cls, config_cls = (EpsVAE, EpsVAEConfig) if spec.model_type == "eps_vae" else (VAE, VAEConfig)
+        model_cls(config_cls.from_dict(spec.model_config)).save_pretrained(init_dir)
+    state.wait_for_everyone()
+    config = _train_config(spec, profile, run_dir, data, max_minutes, perceptual_weights)
+    started = time.monotonic()
+    model_dir = stage1.train_tokenizer(config)
+    latest = run_dir / "train" / "checkpoints" / "latest.json"
+    steps = json.loads(latest.read_text())["step"] if latest.is_file() else profile.train_steps
+    metrics = run_dir / "train" / "metrics.jsonl"
+    rates = [r["images_per_s"] for r in (read_jsonl(metrics) if metrics.is_file() else []) if "images_per_s" in r]
+    record = {"model_dir": str(model_dir.resolve()), "steps": steps, "target_steps": profile.train_steps,
+              "time_capped": steps < profile.train_steps, "seconds": time.monotonic() - started,
+              # The first logging window includes start-up; the median of the windows is the steady rate.
+              "images_per_s": float(np.median(rates[1:] if len(rates) > 1 else rates)) if rates else None}
+    if state.is_main_process:
+        _write_json(record_path, record)
+    return record
+
+
+def run_one(spec: RunSpec, profile: StudyProfile, study_dir: Path, data: str, max_minutes: float | None,
+            evaluator_factory: Callable[[], StudyEvaluator], shared_training: dict[str, Path],
+            perceptual_weights: str | None = None) -> dict[str, Any]:
+    """A finished run's `result.json`, reused; otherwise train (or take the model of an identical earlier run),
+    evaluate and write it."""
+    from tokenizer import load_tokenizer
+
+    run_dir = study_dir / "runs" / spec.name
+    record = _spec_record(spec, _train_config(spec, profile, run_dir, data, max_minutes, perceptual_weights))
+    spec_path = run_dir / SPEC_FILE
+    if spec_path.is_file() and json.loads(spec_path.read_text()) != record:
+        raise ValueError(f"{run_dir} was run with other settings (see its {SPEC_FILE}); delete it or choose "
+                         "another --out")
+    result_path = run_dir / RESULT_FILE
+    if result_path.is_file():
+        print(f"[{study_dir.name}/{spec.name}] reused {result_path}", flush=True)
+        return json.loads(result_path.read_text())
+    _write_json(spec_path, record)
+    started = time.monotonic()
+    key = spec.training_key()
+    if key in shared_training:  # e.g. ladder (g) = (f) trained, decoded with another spacing
+        training = {**json.loads((shared_training[key] / "trained.json").read_text()),
+                    "shared_with": shared_training[key].name}
+    else:
+        print(f"[{study_dir.name}/{spec.name}] training {spec.label}", flush=True)
+        training = train_run(spec, profile, run_dir, data, max_minutes, perceptual_weights)
+    print(f"[{study_dir.name}/{spec.name}] evaluating {len(spec.variants)} decode setting(s)", flush=True)
+    tokenizer = load_tokenizer(training["model_dir"]).eval()
+    evaluator = evaluator_factory()
+    tokenizer.to(evaluator.device)
+    result = {"name": spec.name, "label": spec.label, "model_type": spec.model_type, "info": spec.info,
+              "decoder_params": _num_params(tokenizer.decoder), "encoder_params": _num_params(tokenizer.encoder),
+              "training": training, "evaluations": evaluator.evaluate(tokenizer, spec.variants)}
+    result["seconds"] = time.monotonic() - started
+    _write_json(result_path, result)
+    return result
+
+
+@dataclass(frozen=True)
+class Study:
+    """A registry entry: its paper reference, its runs for a profile, and its tables / plots."""
+
+    title: str
+    build_runs: Callable[[StudyProfile], list[RunSpec]]
+    report: Callable[[list[dict[str, Any]], StudyProfile, Path], tuple[dict[str, Any], str]]
+
+
+def run_study(study: str, profile: str | StudyProfile = "quick", out: str | Path = "runs/studies",
+              data: str = "offline", perceptual_weights: str | None = None) -> dict[str, Any]:
+    """Run (or resume) `study` and write `<out>/<study>/results.json`, `results.md` and its PNG plots."""
+    from accelerate import PartialState
+
+    if study not in STUDIES:
+        raise ValueError(f"unknown study {study!r}; choose from {list(STUDIES)}")
+    if isinstance(profile, str):
+        if profile not in PROFILES:
+            raise ValueError(f"unknown profile {profile!r}; choose from {list(PROFILES)}")
+        profile_name, profile = profile, PROFILES[profile]
+    else:
+        profile_name = "custom"
+    entry = STUDIES[study]
+    study_dir = Path(out) / study
+    runs = entry.build_runs(profile)
+    budget = profile.train_share * profile.study_minutes if profile.study_minutes else None
+    total_trained = len({spec.training_key() for spec in runs})
+    state = PartialState()
+    evaluator: list[StudyEvaluator] = []
+
+    def evaluator_factory() -> StudyEvaluator:
+        if not evaluator:
+            evaluator.append(StudyEvaluator(profile, data, state.device))
+        return evaluator[0]
+
+    started = time.monotonic()
+    results, shared, spent, caps = [], {}, 0.0, {}
+    for index, spec in enumerate(runs):
+        key = spec.training_key()
+        runs_left = len({s.training_key() for s in runs[index:]} - set(shared))
+        max_minutes = caps[spec.name] = time_cap_minutes(budget, spent, runs_left, total_trained)
+        if state.is_main_process:
+            results.append(run_one(spec, profile, study_dir, data, max_minutes, evaluator_factory, shared,
+                                   perceptual_weights))
+        elif key not in shared:
+            # Under `accelerate launch` the other ranks join DDP training only; rank 0 evaluates and writes.
+            train_run(spec, profile, study_dir / "runs" / spec.name, data, max_minutes, perceptual_weights)
+        if key not in shared:
+            shared[key] = study_dir / "runs" / spec.name
+            spent += results[-1]["training"]["seconds"] if results else 0.0
+        state.wait_for_everyone()
+    if not state.is_main_process:
+        return {}
+    summary, tables = entry.report(results, profile, study_dir)
+    report = {"study": study, "title": entry.title, "profile": profile_name, "settings": profile.to_dict(),
+              "data": data, "fd_label": FD_LABEL, "time_cap_minutes": caps, "summary": summary,
+              "runs": results, "seconds_this_call": time.monotonic() - started}
+    _write_json(study_dir / "results.json", json.loads(json.dumps(report, default=str)))
+    (study_dir / "results.md").write_text(_markdown(report, tables, results))
+    print(f"[{study}] wrote {study_dir / 'results.md'}", flush=True)
+    return report
+
+
+# --------------------------------------------------------------------------------------------------- reporting
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _mparams(count: int) -> str:
+    return f"{count / 1e6:.2f}"
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_fmt(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _headline(result: dict[str, Any], resolution: int | None = None, steps: int | None = None,
+              spacing: str | None = None) -> dict[str, Any]:
+    """The evaluation shown in a summary table: the first one matching the given fields."""
+    for row in result["evaluations"]:
+        if all(want is None or row[key] == want for key, want in
+               (("resolution", resolution), ("steps", steps), ("spacing", spacing))):
+            return row
+    raise ValueError(f"run {result['name']} has no evaluation at {resolution}px, {steps} steps, {spacing}")
+
+
+def _metric_cells(row: dict[str, Any]) -> list[Any]:
+    return [row["rfd"], row["psnr"], row["ssim"], row["perceptual"]]
+
+
+METRIC_HEADER = [f"{FD_LABEL} ↓", "PSNR ↑", "SSIM ↑", "perceptual ↓"]
+COST_HEADER = ["G params (M)", "train img/s", "decode img/s"]
+
+
+def _cost_cells(result: dict[str, Any], row: dict[str, Any]) -> list[Any]:
+    return [_mparams(result["decoder_params"]), result["training"]["images_per_s"], row["decode_images_per_s"]]
+
+
+def _savefig(figure, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.tight_layout()
+    figure.savefig(path, dpi=90)
+    import matplotlib.pyplot as plt
+
+    plt.close(figure)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def report_vae_vs_eps(results, profile, study_dir):
+    plt = _pyplot()
+    groups, rows = [], []
+    for group in sorted({r["info"]["group"] for r in results}):
+        members = {r["model_type"]: r for r in results if r["info"]["group"] == group}
+        vae, eps = members["vae"], members["eps_vae"]
+        vae_row, eps_row = _headline(vae), _headline(eps)
+        delta = vae_row["rfd"] - eps_row["rfd"]
+        groups.append({"group": group, "vae": vae["name"], "eps_vae": eps["name"],
+                       "vae_params": vae["decoder_params"], "eps_params": eps["decoder_params"],
+                       "vae_rfd": vae_row["rfd"], "eps_rfd": eps_row["rfd"], "delta_rfd": delta,
+                       "relative_improvement": relative_improvement(vae_row["rfd"], eps_row["rfd"])})
+        for result, row, change in ((vae, vae_row, "–"), (eps, eps_row, f"{delta:.3f} "
+                                    f"({100 * groups[-1]['relative_improvement']:.1f}%)")):
+            rows.append([group + 1, result["label"], row["steps"] or 1, *_metric_cells(row), change,
+                         *_cost_cells(result, row)])
+    table = _table(["group", "model", "NFE", *METRIC_HEADER, "Δ rFD (rel.)", *COST_HEADER], rows)
+    figure, axis = plt.subplots(figsize=(5, 3.5))
+    for model_type, name in (("vae", "VAE"), ("eps_vae", "ε-VAE")):
+        points = sorted((r["decoder_params"] / 1e6, _headline(r)["rfd"])
+                        for r in results if r["model_type"] == model_type)
+        axis.plot(*zip(*points), marker="o", label=name)
+    axis.set_xscale("log")
+    axis.set(xlabel="decoder parameters (M)", ylabel=FD_LABEL, title="VAE vs ε-VAE (Table 7)")
+    axis.legend()
+    _savefig(figure, study_dir / "rfd_vs_params.png")
+    text = ("Groups pair decoders of comparable parameter count; Δ = rFD(VAE) − rFD(ε-VAE), relative to the "
+            "VAE (Table 7's Δ).\n\n" + table + "\n![rFD vs decoder parameters](rfd_vs_params.png)\n")
+    return {"groups": groups}, text
+
+
+def report_ladder(results, profile, study_dir):
+    plt = _pyplot()
+    by_row = {r["info"]["row"]: r for r in results}
+    rows, summary, previous = [], [], None
+    curves = []
+    for row, _settings in ladder_settings(profile.ladder_rows):
+        if row.skipped:
+            rows.append([row.description, "skipped", *["–"] * 9])
+            summary.append({"row": row.key, "description": row.description, "skipped": row.skipped})
+            continue
+        result = by_row[row.key]
+        curve = {e["steps"]: e["rfd"] for e in result["evaluations"]}
+        nfe = saturating_nfe(curve, profile.saturation_tolerance)
+        best = _headline(result, steps=nfe)
+        change = relative_improvement(previous, best["rfd"]) if previous is not None else None
+        rows.append([row.description, nfe, *_metric_cells(best),
+                     "–" if change is None else f"{100 * change:.1f}%", *_cost_cells(result, best)])
+        summary.append({"row": row.key, "description": row.description, "nfe": nfe, "rfd": best["rfd"],
+                        "rfd_by_nfe": curve, "relative_to_previous": change})
+        curves.append((row.short, curve))
+        previous = best["rfd"]
+    table = _table(["ablation", "NFE ↓", *METRIC_HEADER, "rFD change vs previous", *COST_HEADER], rows)
+    nfes = list(profile.ladder_nfes)
+    by_nfe = _table(["ablation", *[f"rFD @ {n}" for n in nfes]],
+                    [[label, *[curve.get(n) for n in nfes]] for label, curve in curves])
+    figure, axis = plt.subplots(figsize=(5.5, 3.5))
+    for label, curve in curves:
+        axis.plot(sorted(curve), [curve[n] for n in sorted(curve)], marker="o", label=label)
+    axis.set_xscale("log")
+    axis.set(xlabel="NFE (decode steps)", ylabel=FD_LABEL, title="Table 4 ladder: rFD vs NFE")
+    axis.legend(fontsize=7)
+    _savefig(figure, study_dir / "rfd_vs_nfe.png")
+    skipped = "\n".join(f"- {row.description}: {row.skipped}" for row in LADDER if row.skipped)
+    text = (f"Each row adds one change to the row above (γ = 1 and uniform spacing until (f) and (g)). NFE is the "
+            f"fewest decode steps among {nfes} whose rFD is within {100 * profile.saturation_tolerance:g}% of the "
+            f"row's best, and the metrics are at that NFE. The baseline decodes by ancestral DDPM respaced to NFE "
+            f"steps.\n\n{table}\nrFD at every evaluated NFE:\n\n{by_nfe}\nSkipped:\n{skipped}\n\n"
+            "![rFD vs NFE](rfd_vs_nfe.png)\n")
+    return {"rows": summary}, text
+
+
+def report_steps(results, profile, study_dir):
+    plt = _pyplot()
+    (result,) = results
+    spacings = ("uniform", "reversed_log")
+    rows, curves = [], {s: {} for s in spacings}
+    for steps in profile.sweep_steps:
+        cells = [steps]
+        for spacing in spacings:
+            row = _headline(result, steps=steps, spacing=spacing)
+            curves[spacing][steps] = row["rfd"]
+            cells += [row["rfd"], row["psnr"], row["ssim"], row["perceptual"]]
+        rows.append(cells + [_headline(result, steps=steps)["decode_images_per_s"]])
+    header = ["decode steps"] + [f"{m} ({s})" for s in ("uniform", "rev-log")
+                                 for m in ("rFD ↓", "PSNR ↑", "SSIM ↑", "perceptual ↓")] + ["decode img/s"]
+    figure, axis = plt.subplots(figsize=(5, 3.5))
+    for spacing in spacings:
+        axis.plot(list(curves[spacing]), list(curves[spacing].values()), marker="o", label=spacing)
+    axis.set(xlabel="decode steps (NFE)", ylabel=FD_LABEL, title="Time spacing at inference (Fig. 3 right)")
+    axis.legend()
+    _savefig(figure, study_dir / "rfd_vs_steps.png")
+    text = (f"One trained ε-VAE ({_mparams(result['decoder_params'])}M decoder, {result['training']['steps']} "
+            f"steps, {_fmt(result['training']['images_per_s'])} train img/s), decoded with uniform and reversed-log "
+            f"(Eq. 13) spacing.\n\n" + _table(header, rows) + "\n![rFD vs steps](rfd_vs_steps.png)\n")
+    return {"rfd": curves}, text
+
+
+def report_gamma(results, profile, study_dir):
+    plt = _pyplot()
+    rows, curve = [], {}
+    for result in sorted(results, key=lambda r: r["info"]["gamma"]):
+        row = _headline(result)
+        curve[result["info"]["gamma"]] = row["rfd"]
+        rows.append([f"{result['info']['gamma']:g}", row["steps"], *_metric_cells(row), *_cost_cells(result, row)])
+    figure, axis = plt.subplots(figsize=(5, 3.5))
+    axis.plot(list(curve), list(curve.values()), marker="o")
+    axis.set(xlabel="γ (noise scaling)", ylabel=FD_LABEL, title="Noise scaling γ (Fig. 3 middle)")
+    _savefig(figure, study_dir / "rfd_vs_gamma.png")
+    best = min(curve, key=curve.get)
+    text = (_table(["γ", "NFE", *METRIC_HEADER, *COST_HEADER], rows) +
+            f"\nBest γ here: {best:g} (paper: 0.6).\n\n![rFD vs γ](rfd_vs_gamma.png)\n")
+    return {"rfd_by_gamma": curve, "best_gamma": best}, text
+
+
+def report_compression(results, profile, study_dir):
+    plt = _pyplot()
+    default_f, default_c = profile.encoder.downsample, profile.encoder.latent_channels
+    lookup = {(r["model_type"], r["info"]["downsample"], r["info"]["latent_channels"]): r for r in results}
+    sweeps = {"latent_channels": [(default_f, c) for c in profile.latent_channels],
+              "downsample": [(f, default_c) for f in profile.downsamples]}
+    summary, text = {}, ""
+    figure, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    for axis, (sweep, settings) in zip(axes, sweeps.items()):
+        rows, points = [], []
+        for f, c in settings:
+            vae, eps = _headline(lookup["vae", f, c]), _headline(lookup["eps_vae", f, c])
+            value = c if sweep == "latent_channels" else f
+            gain = relative_improvement(vae["rfd"], eps["rfd"])
+            rows.append([value, vae["rfd"], eps["rfd"], f"{100 * gain:.1f}%", vae["psnr"], eps["psnr"], vae["ssim"],
+                         eps["ssim"], vae["perceptual"], eps["perceptual"]])
+            points.append({"value": value, "vae_rfd": vae["rfd"], "eps_rfd": eps["rfd"], "relative_improvement": gain})
+        summary[sweep] = points
+        fixed = f"downsample {default_f}" if sweep == "latent_channels" else f"{default_c} latent channels"
+        text += (f"### {sweep.replace('_', ' ')} (at {fixed})\n\n" + _table(
+            [sweep.replace("_", " "), "VAE rFD ↓", "ε-VAE rFD ↓", "Δ rel.", "VAE PSNR", "ε-VAE PSNR", "VAE SSIM",
+             "ε-VAE SSIM", "VAE perc.", "ε-VAE perc."], rows) + "\n")
+        for key, name in (("vae_rfd", "VAE"), ("eps_rfd", "ε-VAE")):
+            axis.plot([p["value"] for p in points], [p[key] for p in points], marker="o", label=name)
+        axis.set_xscale("log", base=2)
+        axis.set(xlabel=sweep.replace("_", " "), ylabel=FD_LABEL)
+        axis.legend()
+    axes[0].set_title("Latent channels (Fig. 2 middle)")
+    axes[1].set_title("Downsampling (Fig. 2 right)")
+    _savefig(figure, study_dir / "rfd_vs_compression.png")
+    return summary, text + "![rFD vs compression](rfd_vs_compression.png)\n"
+
+
+def report_resolution(results, profile, study_dir):
+    plt = _pyplot()
+    resolutions = [profile.resolution * m for m in profile.resolution_multipliers]
+    rows, summary = [], {}
+    figure, axis = plt.subplots(figsize=(5, 3.5))
+    for result in results:
+        evals = [_headline(result, resolution=r) for r in resolutions]
+        summary[result["name"]] = {r: e["rfd"] for r, e in zip(resolutions, evals)}
+        rows.append([result["label"], _mparams(result["decoder_params"]),
+                     *[e["rfd"] for e in evals], *[e["psnr"] for e in evals], *[e["ssim"] for e in evals]])
+        axis.plot(resolutions, [e["rfd"] for e in evals], marker="o", label=result["label"])
+    header = ["model", "G params (M)", *[f"rFD {r}² ↓" for r in resolutions], *[f"PSNR {r}²" for r in resolutions],
+              *[f"SSIM {r}²" for r in resolutions]]
+    axis.set(xlabel="evaluation resolution", ylabel=FD_LABEL, title=f"Trained at {profile.resolution}² (Table 1)")
+    axis.legend()
+    _savefig(figure, study_dir / "rfd_vs_resolution.png")
+    text = (f"Trained at {profile.resolution}², evaluated on validation crops at each resolution with no "
+            "fine-tuning.\n\n" + _table(header, rows) + "\n![rFD vs resolution](rfd_vs_resolution.png)\n")
+    return {"rfd_by_resolution": summary}, text
+
+
+STUDIES: dict[str, Study] = {
+    "vae-vs-eps": Study("VAE vs ε-VAE at comparable decoder sizes (paper Table 7)", vae_vs_eps_runs,
+                        report_vae_vs_eps),
+    "ladder": Study("Ablation ladder of the diffusion decoder (paper Table 4)", ladder_runs, report_ladder),
+    "steps": Study("Decode steps × time spacing (paper Fig. 3 right)", steps_runs, report_steps),
+    "gamma": Study("Noise scaling γ (paper Fig. 3 middle)", gamma_runs, report_gamma),
+    "compression": Study("Compression: latent channels and downsampling, VAE vs ε-VAE (paper Fig. 2)",
+                         compression_runs, report_compression),
+    "resolution": Study("Resolution generalisation (paper Table 1)", resolution_runs, report_resolution),
+}
+
+
+def _markdown(report: dict[str, Any], tables: str, results: list[dict[str, Any]]) -> str:
+    settings = report["settings"]
+    capped = [r["name"] for r in results if r["training"].get("time_capped")]
+    detail_rows = []
+    for result in results:
+        training = result["training"]
+        for row in result["evaluations"]:
+            detail_rows.append([result["name"], result["label"], _mparams(result["decoder_params"]),
+                                training["steps"], training["images_per_s"], row["resolution"], row["steps"] or "–",
+                                row["spacing"] or "–", *_metric_cells(row), row["decode_images_per_s"],
+                                row["num_images"]])
+    detail = _table(["run", "model", "G params (M)", "train steps", "train img/s", "eval res", "NFE", "spacing",
+                     *METRIC_HEADER, "decode img/s", "images"], detail_rows)
+    feature_note = "" if settings["feature_size"] == 224 else \
+        f" (features at {settings['feature_size']}² instead of 224²: a smoke-test setting, not comparable)"
+    cap_note = (f"\n**Time-capped before {settings['train_steps']} steps:** {', '.join(capped)} — their rows saw "
+                "less training than the others.\n") if capped else ""
+    caps = {name: cap for name, cap in report["time_cap_minutes"].items() if cap is not None}
+    cap_text = (f" Training time caps (minutes): {', '.join(f'{n} {c:.1f}' for n, c in caps.items())}."
+                if caps else "")
+    return f"""# {report['title']}
+
+Profile `{report['profile']}`, data `{report['data']}`. Every run trains {settings['train_steps']} steps at batch \
+{settings['batch_size']} on {settings['resolution']}² crops with seed {settings['seed']}, the same encoder \
+architecture and initial weights and the same optimiser; only the studied factor differs.{cap_text}
+{cap_note}
+Metrics on {settings['eval_images'] or 'all'} class-balanced validation crops: {FD_LABEL} (Fréchet distance in \
+EfficientNet-Lite0 features, **not FID**){feature_note}, PSNR, SSIM and the EffNet-L0 perceptual distance. \
+"G params" = decoder parameters; images/s were measured on this machine.
+
+{tables}
+## All evaluations
+
+{detail}"""
+
+
+# --------------------------------------------------------------------------------------------------------- CLI
+def add_tokenizer_study_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """`scripts/benchmark.py tokenizer --study NAME --profile P --out DIR` (the lead wires the subcommand)."""
+    parser.add_argument("--study", required=True, choices=[*STUDIES, "all"], help="which study ('all': each in turn)")
+    parser.add_argument("--profile", default="quick", choices=list(PROFILES),
+                        help="micro: seconds (tests); quick: ~20 min per study on 2 CPU cores; full: paper sizes, GPUs")
+    parser.add_argument("--out", default="runs/studies", help="each study writes <out>/<study>/")
+    parser.add_argument("--data", default="offline", help="offline | ImageNet-style folder | webdataset shards")
+    parser.add_argument("--perceptual-weights", default=None,
+                        help="weights file of the training perceptual loss (lpips-vgg in the full profile)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (1 is faster than 2 on a CPU other jobs are using)")
+    return parser
+
+
+def run_tokenizer_study(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the study (or all studies) named by parsed arguments; returns {study: report}."""
+    names = list(STUDIES) if args.study == "all" else [args.study]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return {name: run_study(name, args.profile, args.out, data=args.data,
+                            perceptual_weights=args.perceptual_weights) for name in names}
