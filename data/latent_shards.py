@@ -23,6 +23,8 @@ distinct prefixes (`rank_prefix(rank)`), so no two processes ever write the same
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import glob
 import hashlib
 import json
@@ -41,6 +43,7 @@ from safetensors.torch import save as save_safetensors
 
 from data.images import Skipped
 from data.sharding import ShardSource, SkipCounter, keep_my_samples, worker_slot
+from pipelines.faults import fault_point
 
 logger = logging.getLogger(__name__)
 
@@ -63,12 +66,29 @@ def file_sha256(path: str, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+@contextlib.contextmanager
+def _naming_disk_full(path: str):
+    """A full disk surfaces as `OSError(ENOSPC)` that names the file and says what was kept."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno != errno.ENOSPC:
+            raise
+        raise OSError(errno.ENOSPC, f"disk full while writing {path}; completed shards and their sidecars are "
+                                    "kept, free some space and re-run the same command to resume") from error
+
+
 def _write_json_atomic(path: str, payload: dict) -> None:
     tmp = path + ".tmp"
-    with open(tmp, "w") as handle:
-        json.dump(payload, handle, indent=1)
-        handle.flush()
-        os.fsync(handle.fileno())
+    try:
+        with _naming_disk_full(path), open(tmp, "w") as handle:
+            json.dump(payload, handle, indent=1)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)  # the previous version of `path` stays as it was
+        raise
     os.replace(tmp, path)
 
 
@@ -200,10 +220,13 @@ class LatentShardWriter:
             self._shape, self._dtype = shapes["mean"], dtype
         elif shapes["mean"] != self._shape or dtype != self._dtype:
             raise ValueError(f"{key}: latent {shapes['mean']} {dtype} differs from {self._shape} {self._dtype}")
-        if self._tar is None:
-            self._tar = wds.TarWriter(os.path.join(self.out_dir, self._shard_name() + ".tmp"), mtime=0.0)
         blob = save_safetensors({name: t.detach().cpu().contiguous() for name, t in moments.items()})
-        self._tar.write({"__key__": key, LATENT_FIELD: blob, "cls": str(int(cls)).encode("ascii")})
+        partial_shard = os.path.join(self.out_dir, self._shard_name() + ".tmp")
+        with _naming_disk_full(partial_shard):
+            if self._tar is None:
+                self._tar = wds.TarWriter(partial_shard, mtime=0.0)
+            self._tar.write({"__key__": key, LATENT_FIELD: blob, "cls": str(int(cls)).encode("ascii")})
+        fault_point("shard_write")
         self._keys.append(key)
         self.done_keys.add(key)
         self._stats.update(mean, logvar)
@@ -220,15 +243,18 @@ class LatentShardWriter:
         name = self._shard_name()
         final = os.path.join(self.out_dir, name)
         if self._tar is not None:
-            self._tar.close()
-            with open(final + ".tmp", "rb") as handle:
-                os.fsync(handle.fileno())
+            with _naming_disk_full(final + ".tmp"):
+                self._tar.close()
+                with open(final + ".tmp", "rb") as handle:
+                    os.fsync(handle.fileno())
             os.replace(final + ".tmp", final)
+            fault_point("shard_finish")
             sha = file_sha256(final)
         elif not self._skipped:
             return
         else:  # only skipped inputs since the last shard: an empty sidecar-only record keeps them
-            tarfile.open(final, "w").close()
+            with _naming_disk_full(final):
+                tarfile.open(final, "w").close()
             sha = file_sha256(final)
         record = {
             "shard": name,
@@ -400,8 +426,15 @@ def verify_shards(out_dir: str) -> VerifyReport:
 # --- reader -------------------------------------------------------------------------------------------------
 
 
+class BadShardError(RuntimeError, ValueError):
+    """A latent shard that cannot be trusted (checksum mismatch, broken tar, undecodable sample).
+
+    Also a `ValueError`: damaged input data, so the CLIs report it in one line naming the shard (exit 2).
+    """
+
+
 class _BadShardPolicy(SkipCounter):
-    """Tar/decode failures in latent shards: raise naming the shard, or skip and count."""
+    """Tar/decode/checksum failures in latent shards: raise naming the shard, or skip and count."""
 
     def __init__(self, policy: str):
         if policy not in BAD_SHARD_POLICIES:
@@ -412,8 +445,35 @@ class _BadShardPolicy(SkipCounter):
     def __call__(self, exn: Exception) -> bool:
         if self.policy == "raise":
             where = next((str(a) for a in reversed(exn.args) if isinstance(a, str) and ".tar" in a), "?")
-            raise RuntimeError(f"bad latent shard {where}: {type(exn).__name__}: {exn.args[0] if exn.args else exn}")
+            raise BadShardError(f"bad latent shard {where}: {type(exn).__name__}: {exn.args[0] if exn.args else exn}")
         return super().__call__(exn)
+
+
+def _checked_shards(sources: Iterator[dict], expected_sha256: dict[str, str],
+                    policy: _BadShardPolicy) -> Iterator[dict]:
+    """Pass on only shards whose sha256 matches the manifest's.
+
+    A flipped byte inside a tensor still decodes, so without this a damaged shard would train silently. Each
+    process hashes each shard once (the tar read that follows then comes from the page cache); a bad one is
+    reported through `policy` once (raise naming it, or skip and count) and never read.
+    """
+    verdicts: dict[str, str | None] = {}
+    for source in sources:
+        url = source["url"]
+        if url not in verdicts:
+            try:
+                actual = file_sha256(url)
+                expected = expected_sha256[url]
+                verdicts[url] = None if actual == expected else f"sha256 {actual[:12]}… != manifest {expected[:12]}…"
+            except OSError as error:
+                verdicts[url] = f"unreadable: {error}"
+            if verdicts[url] is not None:
+                policy(ValueError(f"checksum mismatch ({verdicts[url]})", url))
+        if verdicts[url] is None:
+            yield source
+        elif len(verdicts) == len(expected_sha256) and all(v is not None for v in verdicts.values()):
+            raise BadShardError(f"every latent shard is damaged ({len(verdicts)} of them); run "
+                                "scripts/cache_latents.py --verify true to list them")
 
 
 def _decode_latent(sample: dict) -> tuple[dict[str, torch.Tensor], int, str]:
@@ -457,6 +517,8 @@ class LatentShardDataset(wds.DataPipeline):
 
     Split by rank and worker as in `data.sharding`; `resampled=True` (default, for multi-epoch training) draws
     shards with replacement forever, `resampled=False` gives exactly-once epochs (evaluation, tests).
+    Every shard's sha256 is checked against the manifest before it is read; a damaged shard (or sample) raises
+    `BadShardError` naming it (`on_bad_shard="raise"`) or is skipped and counted in `bad_shards.count` ("skip").
     """
 
     def __init__(
@@ -480,8 +542,11 @@ class LatentShardDataset(wds.DataPipeline):
         channels = self.manifest["latent_shape"][0]
         shift = torch.tensor(self.manifest["latent_mean"] if normalize else [0.0] * channels).view(-1, 1, 1)
         scale = torch.tensor(self.manifest["latent_std"] if normalize else [1.0] * channels).view(-1, 1, 1)
+        expected_sha256 = {os.path.join(out_dir, s["name"]): s["sha256"] for s in self.manifest["shards"]
+                           if s["count"] > 0}
         stages = [
             self.source,
+            partial(_checked_shards, expected_sha256=expected_sha256, policy=self.bad_shards),
             wds.tarfile_to_samples(handler=self.bad_shards),
             partial(keep_my_samples, source=self.source),
         ]

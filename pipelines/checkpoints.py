@@ -21,12 +21,14 @@ ranks share (each rank writes its own RNG file into the temporary directory).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import hashlib
 import json
 import logging
 import os
+import pickle
 import random
 import re
 import shutil
@@ -36,11 +38,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
+import safetensors
 import safetensors.torch
 import torch
 from torch import nn
 
 from pipelines.ema import EMA, unwrap_model
+from pipelines.faults import fault_point
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -145,6 +149,24 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
                            len(saved), torch.cuda.device_count())
         else:
             torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in saved])
+
+
+@contextlib.contextmanager
+def _loading(file: Path):
+    """Turn a file that will not load into a one-line `ValueError` naming it.
+
+    A checksum only proves the file is the one that was saved; a planted or foreign file (a pickle of objects
+    under a `.pt` or `.safetensors` name, tensors of another model) is refused here, never unpickled.
+    """
+    try:
+        yield
+    except (pickle.UnpicklingError, safetensors.SafetensorError, RuntimeError, EOFError, OSError) as error:
+        if isinstance(error, pickle.UnpicklingError):
+            reason = "it holds Python objects, not only tensors and numbers (refused: weights_only=True)"
+        else:
+            text = str(error).strip()
+            reason = f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
+        raise ValueError(f"cannot load {file}: {reason}") from error
 
 
 def _fsync_dir(path: Path) -> None:
@@ -303,6 +325,7 @@ class CheckpointManager:
         for name, ema in parts["ema"].items():
             tensors = {k: v.detach().cpu().contiguous() for k, v in ema.state_dict().items()}
             safetensors.torch.save_file(tensors, str(tmp / f"ema_{name}.safetensors"))
+        fault_point("checkpoint_write")
         for name, optimizer in parts["optimizer"].items():
             torch.save(optimizer.state_dict(), tmp / f"optimizer_{name}.pt")
         for name, scheduler in parts["scheduler"].items():
@@ -335,6 +358,7 @@ class CheckpointManager:
         else:
             os.rename(tmp, final)
         _fsync_dir(self.root)
+        fault_point("checkpoint_publish")
         self._verified.add(final.resolve())
         pointer_tmp = self.root / (TMP_PREFIX + LATEST_FILE)
         _write_text(pointer_tmp, json.dumps({"dir": final.name, "step": step}))
@@ -468,16 +492,25 @@ class CheckpointManager:
             return file
 
         for name, model in _check_names("model", models).items():
-            safetensors.torch.load_model(self._unwrap(model), need(f"model_{name}.safetensors"), strict=True)
+            file = need(f"model_{name}.safetensors")
+            with _loading(file):
+                safetensors.torch.load_model(self._unwrap(model), file, strict=True)
         for name, ema in _check_names("ema", emas).items():
-            ema.load_state_dict(safetensors.torch.load_file(need(f"ema_{name}.safetensors"), device="cpu"))
+            file = need(f"ema_{name}.safetensors")
+            with _loading(file):
+                ema.load_state_dict(safetensors.torch.load_file(file, device="cpu"))
         for name, optimizer in _check_names("optimizer", optimizers).items():
-            optimizer.load_state_dict(torch.load(need(f"optimizer_{name}.pt"), map_location="cpu", weights_only=True))
+            file = need(f"optimizer_{name}.pt")
+            with _loading(file):
+                optimizer.load_state_dict(torch.load(file, map_location="cpu", weights_only=True))
         for name, scheduler in _check_names("scheduler", schedulers).items():
-            scheduler.load_state_dict(torch.load(need(f"scheduler_{name}.pt"), map_location="cpu", weights_only=True))
+            file = need(f"scheduler_{name}.pt")
+            with _loading(file):
+                scheduler.load_state_dict(torch.load(file, map_location="cpu", weights_only=True))
         scaler = getattr(self.accelerator, "scaler", None)
         if scaler is not None and (path / "scaler.pt").is_file():
-            scaler.load_state_dict(torch.load(path / "scaler.pt", map_location="cpu", weights_only=True))
+            with _loading(path / "scaler.pt"):
+                scaler.load_state_dict(torch.load(path / "scaler.pt", map_location="cpu", weights_only=True))
         if restore_rng:
             rng_file = path / f"rng_rank{self.rank}.json"
             if rng_file.is_file():

@@ -1,12 +1,14 @@
 """What every script in scripts/ shares: turn user errors into one line on stderr and exit code 2.
 
 Scripts stay thin (STYLE.md, "Thin scripts"): they parse arguments and call one function of `pipelines/`
-through `run_main`. Errors a user can fix (bad paths, bad values, missing weights) surface as one line; set
-EPSVAE_DEBUG=1 to get the full traceback instead.
+through `run_main`. Errors a user can fix (bad paths, bad values, missing weights) surface as one line (exit
+2); so do a full disk, a diverged loss and a failed checkpoint write (exit 1). Set EPSVAE_DEBUG=1 to get the full
+traceback instead.
 """
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from typing import Callable, Sequence
@@ -19,6 +21,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     FileNotFoundError,
     NotADirectoryError,
     IsADirectoryError,
+    FileExistsError,  # a file where a directory belongs
     PermissionError,
     KeyError,
 )
@@ -36,22 +39,53 @@ def _extra_user_errors() -> tuple[type[BaseException], ...]:
     return tuple(extra)
 
 
+RUN_FAILURE_EXIT_CODE = 1
+
+
+def _is_run_failure(error: BaseException) -> bool:
+    """Failures that are neither bad input nor a bug: a full disk, a diverged loss, a checkpoint that could not be
+    written. They get one line too (their messages say what happened and what was kept), with exit code 1."""
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        return True
+    from pipelines.checkpoints import CheckpointError
+    from pipelines.training import NonFiniteLossError
+
+    return isinstance(error, (CheckpointError, NonFiniteLossError))
+
+
 def one_line(error: BaseException) -> str:
-    message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    text = str(error).strip()
+    if "Original Traceback" in text:  # re-raised from a DataLoader worker: the original message is the last line
+        text = text.splitlines()[-1]
+    message = text.splitlines()[0] if text else type(error).__name__
     if isinstance(error, KeyError):
         message = f"missing key {message}"
     return message
 
 
+def _report(error: BaseException) -> None:
+    """`error: <one line>` on a line of its own: a progress bar the error interrupted is closed first."""
+    tqdm_module = sys.modules.get("tqdm.std")
+    if tqdm_module is not None:
+        for bar in list(getattr(tqdm_module.tqdm, "_instances", ())):
+            bar.close()
+    print(f"error: {one_line(error)}", file=sys.stderr)
+
+
 def run_main(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> int:
-    """Run a script's `main(argv)`; user errors → `error: <one line>` on stderr, exit 2."""
+    """Run a script's `main(argv)`; user errors → `error: <one line>` on stderr, exit 2 (run failures: exit 1)."""
     try:
         main(argv)
     except (*USER_ERRORS, *_extra_user_errors()) as error:
         if os.environ.get("EPSVAE_DEBUG"):
             raise
-        print(f"error: {one_line(error)}", file=sys.stderr)
+        _report(error)
         return USER_ERROR_EXIT_CODE
+    except Exception as error:  # noqa: BLE001 - re-raised unless it is a run failure
+        if os.environ.get("EPSVAE_DEBUG") or not _is_run_failure(error):
+            raise
+        _report(error)
+        return RUN_FAILURE_EXIT_CODE
     except KeyboardInterrupt:
         print("interrupted: the newest complete checkpoint is kept; rerun with --resume auto", file=sys.stderr)
         return 130

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
@@ -191,11 +192,16 @@ def load_statistics(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"statistics file {path} does not exist")
-    with np.load(path, allow_pickle=False) as data:
-        missing = [key for key in ("mu", "sigma") if key not in data.files]
-        if missing:
-            raise ValueError(f"{path} lacks keys {missing} (has {data.files}); expected an .npz with mu and sigma")
-        return data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            missing = [key for key in ("mu", "sigma") if key not in data.files]
+            if missing:
+                raise ValueError(f"{path} lacks keys {missing} (has {data.files}); expected an .npz with mu and sigma")
+            return data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:  # pickled objects are refused, not loaded
+        if str(path) in str(error):
+            raise
+        raise ValueError(f"cannot read statistics {path}: {error}") from error
 
 
 def inception_score(logits: np.ndarray | torch.Tensor, splits: int = 10) -> tuple[float, float]:

@@ -30,6 +30,7 @@ from generator.diffusion import DiffusionSchedule, epsilon_loss, linear_beta_sch
 from generator.dit import DiT, DiTConfig, DiT_models
 from pipelines.checkpoints import CheckpointManager
 from pipelines.ema import EMA, unwrap_model
+from pipelines.faults import fault_point
 from pipelines.logging import MetricsLogger
 from pipelines.training import (
     AcceleratorConfig,
@@ -65,6 +66,7 @@ class GeneratorTrainConfig:
     batch_size: int = 256  # global: per_device × processes × grad_accum
     num_workers: int = 4
     shuffle_buffer: int = 1000
+    on_bad_shard: str = "raise"  # a damaged shard: "raise" (naming it) or "skip" (counted in the metrics)
     # Optimisation.
     lr: float = 1e-4
     weight_decay: float = 0.0
@@ -108,6 +110,10 @@ class GeneratorTrainConfig:
         for name in ("lr", "weight_decay", "ema_decay", "warmup_steps", "num_workers", "shuffle_buffer"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        from data.latent_shards import BAD_SHARD_POLICIES
+
+        if self.on_bad_shard not in BAD_SHARD_POLICIES:
+            raise ValueError(f"on_bad_shard must be one of {BAD_SHARD_POLICIES}, got {self.on_bad_shard!r}")
         if self.sample_steps > self.diffusion_steps:
             raise ValueError(f"sample_steps {self.sample_steps} > diffusion_steps {self.diffusion_steps}")
 
@@ -272,10 +278,10 @@ def train_generator(config: GeneratorTrainConfig) -> TrainedGenerator:
         if accelerator.is_main_process:
             logger.info("resumed from %s at step %d", resume_from, step)
     data_seed = stream_seed(config.seed, step)
-    loader, _ = make_latent_loader(
+    loader, latent_dataset = make_latent_loader(
         config.shards, per_device_batch, accelerator.process_index, accelerator.num_processes,
         num_workers=config.num_workers, resampled=True, shuffle_buffer=config.shuffle_buffer, seed=data_seed,
-        flip=True, sample_posterior=True, normalize=True,
+        flip=True, sample_posterior=True, normalize=True, on_bad_shard=config.on_bad_shard,
     )
     if accelerator.is_main_process:
         logger.info("%s: %s parameters, latents %s, %d classes", config.model, f"{num_parameters:,}",
@@ -320,6 +326,7 @@ def train_generator(config: GeneratorTrainConfig) -> TrainedGenerator:
         scheduler.step()
         ema.update(raw_dit)
         step += 1
+        fault_point("train_step")
         window_steps += 1
         metrics_log.advance()
 
@@ -328,7 +335,10 @@ def train_generator(config: GeneratorTrainConfig) -> TrainedGenerator:
             record = {"loss": mean_over_ranks(accelerator, loss.detach()), "grad_norm": grad_norm,
                       "lr": scheduler.get_last_lr()[0], "steps_per_s": window_steps / elapsed,
                       "latents_per_s": window_steps * config.batch_size / elapsed,
-                      "nonfinite_skipped": guard.total_skipped}
+                      "nonfinite_skipped": guard.total_skipped,
+                      # bad shards / samples skipped by this process (DataLoader workers count in their own copy
+                      # and name each one in a warning)
+                      "bad_shards_skipped": latent_dataset.bad_shards.count}
             record.update(quartile_losses(per_sample, t, accelerator, t_max=config.diffusion_steps))
             metrics_log.log(step, record)
             window_start, window_steps = time.monotonic(), 0
@@ -349,6 +359,7 @@ def train_generator(config: GeneratorTrainConfig) -> TrainedGenerator:
         save_final_model(raw_dit, ema, final_dir, {
             "step": step, "num_parameters": num_parameters, "shards": str(config.shards),
             "num_samples": manifest["num_samples"], "tokenizer_weights_sha256": manifest["tokenizer"]["weights_sha256"],
+            "bad_shards_skipped": latent_dataset.bad_shards.count,
         })
     accelerator.wait_for_everyone()
     return TrainedGenerator(final_dir, step, raw_dit, ema, num_parameters)

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pipelines.checkpoints import CheckpointManager
 from pipelines.ema import EMA, unwrap_model
+from pipelines.faults import fault_point
 from pipelines.logging import MetricsLogger
 from pipelines.training import (
     AcceleratorConfig,
@@ -449,6 +450,7 @@ def train_tokenizer(config: TokenizerTrainConfig) -> Path:
             sched_d.step()
             ema.update(raw_tokenizer)
             step += 1
+            fault_point("train_step")
             metrics_log.advance()
 
             if step % config.log_every == 0 or step == config.max_steps:

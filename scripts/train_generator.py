@@ -31,7 +31,7 @@ def build_parser() -> ArgumentParser:
 
     parser = ArgumentParser(description=__doc__.splitlines()[0])
     add_config_arguments(parser, GeneratorTrainConfig, choices={
-        "model": list(DiT_models), "precision": ["no", "bf16", "fp16"]})
+        "model": list(DiT_models), "precision": ["no", "bf16", "fp16"], "on_bad_shard": ["raise", "skip"]})
     group = parser.add_argument_group("model overrides (applied on top of the DiT preset)")
     for name, (kind, help_text) in MODEL_OVERRIDE_FLAGS.items():
         group.add_argument("--" + name.replace("_", "-"), dest="override_" + name, type=kind, help=help_text)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -175,7 +176,7 @@ def _load_state(model: nn.Module, directory: Path, use_ema: bool) -> None:
     try:
         state = load_file(str(path))
         result = model.load_state_dict(state, strict=False)
-    except (RuntimeError, OSError) as error:  # corrupt file or tensors of the wrong shape
+    except (RuntimeError, OSError, SafetensorError) as error:  # corrupt/foreign file or tensors of the wrong shape
         first_line = str(error).strip().splitlines()[-1].strip() if str(error).strip() else type(error).__name__
         raise ValueError(f"cannot load {str(path)!r} into the model of config.json: {first_line}") from None
     if result.missing_keys or result.unexpected_keys:
