@@ -35,7 +35,7 @@ class DemoProfile:
     downsample: int = 16
     latent_channels: int = 4
     discriminator: str = "tiny"
-    tokenizer_batch: int = 16
+    tokenizer_batch: int = 8
     tokenizer_lr: float = 2e-4
     tokenizer_warmup: int = 50
     tokenizer_max_steps: int = 100_000

@@ -1,6 +1,6 @@
 """Tokenizer benchmark studies: the paper's controlled comparisons, rerun at a chosen scale (project issue 9).
 
-    run_study("ladder", "quick", "runs/studies")   →   runs/studies/ladder/{results.json, results.md, *.png}
+    run_study("ladder", "quick", "runs/bench")   →   runs/bench/ladder/{results.json, results.md, *.png}
 
 | study         | paper                    | what varies (everything else is shared)                                |
 |---------------|--------------------------|------------------------------------------------------------------------|
@@ -576,7 +576,7 @@ class Study:
     report: Callable[[list[dict[str, Any]], StudyProfile, Path], tuple[dict[str, Any], str]]
 
 
-def run_study(study: str, profile: str | StudyProfile = "quick", out: str | Path = "runs/studies",
+def run_study(study: str, profile: str | StudyProfile = "quick", out: str | Path = "runs/bench",
               data: str = "offline", perceptual_weights: str | None = None) -> dict[str, Any]:
     """Run (or resume) `study` and write `<out>/<study>/results.json`, `results.md` and its PNG plots."""
     from accelerate import PartialState
@@ -912,7 +912,7 @@ def add_tokenizer_study_arguments(parser: argparse.ArgumentParser) -> argparse.A
     parser.add_argument("--study", required=True, choices=[*STUDIES, "all"], help="which study ('all': each in turn)")
     parser.add_argument("--profile", default="quick", choices=list(PROFILES),
                         help="micro: seconds (tests); quick: ~20 min per study on 2 CPU cores; full: paper sizes, GPUs")
-    parser.add_argument("--out", default="runs/studies", help="each study writes <out>/<study>/")
+    parser.add_argument("--out", default="runs/bench", help="each study writes <out>/<study>/")
     parser.add_argument("--data", default="offline", help="offline | ImageNet-style folder | webdataset shards")
     parser.add_argument("--perceptual-weights", default=None,
                         help="weights file of the training perceptual loss (lpips-vgg in the full profile)")
