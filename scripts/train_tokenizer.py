@@ -23,6 +23,7 @@ MODEL_OVERRIDE_FLAGS = {
     "time_sampling": (str, "training t: logit_normal | uniform"),
     "time_spacing": (str, "decode times: reversed_log | uniform"),
     "kl_weight": (float, "KL weight (default 1e-6)"),
+    "preconditioning": (str, "none (the paper) | skip (v = c_skip·x_t + c_out·UNet; faster early training)"),
 }
 
 

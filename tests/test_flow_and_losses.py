@@ -123,3 +123,22 @@ def test_trajectory_pair_stacks_channels():
     pair = losses.trajectory_pair(x0, xt)
     assert pair.shape == (2, 6, 4, 4) and pair[:, 3:].eq(1).all() and pair[:, :3].eq(0).all()
     assert F.softplus(torch.zeros(1)).item() == pytest.approx(math.log(2))
+
+
+def test_velocity_preconditioning_is_the_linear_least_squares_skip():
+    torch.manual_seed(2)
+    gamma, data_std = 0.6, 0.5
+    x_data = torch.randn(200_000) * data_std
+    noise = torch.randn(200_000)
+    for t_value in (0.05, 0.5, 0.95, 1.0):
+        t = torch.full((1,), t_value)
+        x_t = (1 - t_value) * gamma * x_data + t_value * noise
+        v = noise - gamma * x_data
+        c_skip, c_out = flow.velocity_preconditioning(t, gamma, data_std)
+        empirical_skip = (v * x_t).mean() / (x_t * x_t).mean()
+        assert c_skip.item() == pytest.approx(empirical_skip.item(), abs=0.01)
+        # The network's target (v − c_skip·x_t) / c_out has unit variance.
+        residual = (v - c_skip.item() * x_t) / c_out.item()
+        assert residual.std().item() == pytest.approx(1.0, abs=0.01)
+    c_skip, _ = flow.velocity_preconditioning(torch.ones(1), gamma, data_std)
+    assert c_skip.item() == pytest.approx(1.0)  # pure noise passes straight through

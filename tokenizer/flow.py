@@ -23,6 +23,7 @@ import torch
 
 TIME_DISTRIBUTIONS = ("logit_normal", "uniform")
 TIME_SPACINGS = ("reversed_log", "uniform")
+PRECONDITIONINGS = ("none", "skip")
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -48,6 +49,25 @@ def network_input_scale(t: torch.Tensor, gamma: float = 1.0, data_std: float = 0
     t = t.float()
     variance = ((1.0 - t) * gamma * data_std) ** 2 + t**2
     return variance.rsqrt().reshape(-1, 1, 1, 1)  # (B, 1, 1, 1)
+
+
+def velocity_preconditioning(
+    t: torch.Tensor, gamma: float = 1.0, data_std: float = 0.5
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(c_skip, c_out), each (B, 1, 1, 1), for v = c_skip·x_t + c_out·F (Karras et al. 2022, for this path).
+
+    c_skip·x_t is the best linear guess of v from x_t alone (Cov(v, x_t) / Var(x_t) for data of std σ_data),
+    and c_out is the std of what it leaves, so the network F regresses a unit-variance residual. At t = 1 this
+    passes the noise straight through (c_skip = 1), which a zero-initialised UNet otherwise needs thousands of
+    steps to learn: without it, early decodes are noise.
+    """
+    t = t.float().reshape(-1, 1, 1, 1)
+    signal = (gamma * data_std) ** 2
+    var_x_t = (1.0 - t) ** 2 * signal + t**2
+    cov_v_x_t = t - (1.0 - t) * signal
+    c_skip = cov_v_x_t / var_x_t
+    c_out = (1.0 + signal - cov_v_x_t**2 / var_x_t).clamp_min(1e-8).sqrt()
+    return c_skip, c_out
 
 
 def estimate_x_data(x_t: torch.Tensor, velocity: torch.Tensor, t: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:

@@ -55,6 +55,9 @@ class EpsVAEConfig:
     time_sampling: str = "logit_normal"
     time_spacing: str = "reversed_log"  # Eq. 13
     data_std: float = 0.5  # image std in [-1, 1], for the unit-variance network input
+    # "none": the UNet's output is v (the paper). "skip": v = c_skip·x_t + c_out·UNet (EDM-style
+    # preconditioning, flow.velocity_preconditioning): the same velocity model, much faster early training.
+    preconditioning: str = "none"
     ddpm_num_steps: int = 1000  # epsilon parameterisation only: T of the linear-β DDPM
     kl_weight: float = 1e-6
     encoder_preset: str | None = None  # names the configs came from, for reference only
@@ -69,6 +72,9 @@ class EpsVAEConfig:
         _check_choice("parameterization", self.parameterization, PARAMETERIZATIONS)
         _check_choice("time_sampling", self.time_sampling, flow.TIME_DISTRIBUTIONS)
         _check_choice("time_spacing", self.time_spacing, flow.TIME_SPACINGS)
+        _check_choice("preconditioning", self.preconditioning, flow.PRECONDITIONINGS)
+        if self.preconditioning != "none" and self.parameterization != "velocity":
+            raise ValueError("preconditioning applies to the velocity parameterisation only")
         if not self.gamma > 0 or not self.data_std > 0:
             raise ValueError(f"gamma and data_std must be > 0, got {self.gamma} and {self.data_std}")
         if self.ddpm_num_steps < 1 or self.kl_weight < 0:
@@ -261,9 +267,15 @@ class EpsVAE(_Tokenizer):
         In velocity parameterisation x_t is first scaled to unit variance (`flow.network_input_scale`,
         Chen 2023); a DDPM x_t already has near-unit variance, so epsilon mode feeds it unchanged, as ADM does.
         """
-        if self.config.parameterization == "velocity":
-            x_t = flow.network_input_scale(t, self.config.gamma, self.config.data_std).to(x_t.dtype) * x_t
-        return self.decoder(x_t, t, z)
+        config = self.config
+        if config.parameterization != "velocity":
+            return self.decoder(x_t, t, z)
+        scale = flow.network_input_scale(t, config.gamma, config.data_std).to(x_t.dtype)
+        output = self.decoder(scale * x_t, t, z)  # (B, 3, H, W)
+        if config.preconditioning == "skip":
+            c_skip, c_out = flow.velocity_preconditioning(t, config.gamma, config.data_std)
+            output = c_skip.to(x_t.dtype) * x_t + c_out.to(output.dtype) * output
+        return output
 
     def _initial_noise(self, z: torch.Tensor, generator: Generators) -> torch.Tensor:
         """x_1 ~ N(0, I) of shape (B, 3, h·f, w·f), drawn on the generator's device so seeds reproduce.
