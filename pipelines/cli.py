@@ -175,3 +175,16 @@ def config_from_arguments(config_class: type, namespace: argparse.Namespace, **e
     values = {k: v for k, v in vars(namespace).items() if k in names}
     values.update(extra)
     return config_class(**values)
+
+
+def add_override_arguments(parser: argparse.ArgumentParser, flags: dict[str, tuple[type, str]], title: str) -> None:
+    """Flags collected into a config's `model_overrides` dict (`flags`: name → (type, help))."""
+    group = parser.add_argument_group(title)
+    for name, (kind, help_text) in flags.items():
+        group.add_argument("--" + name.replace("_", "-"), dest="override_" + name, type=kind, help=help_text)
+
+
+def collect_overrides(namespace: argparse.Namespace, flags: dict[str, tuple[type, str]]) -> dict[str, object]:
+    """The override flags the user actually gave."""
+    return {name: getattr(namespace, "override_" + name) for name in flags
+            if getattr(namespace, "override_" + name, None) is not None}

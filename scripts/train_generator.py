@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import sys
 
-from pipelines.cli import ArgumentParser, add_config_arguments, config_from_arguments, run_main
+from pipelines.cli import (ArgumentParser, add_config_arguments, add_override_arguments, collect_overrides,
+                           config_from_arguments, run_main)
 
 MODEL_OVERRIDE_FLAGS = {
     # flag: (type, help) — collected into GeneratorTrainConfig.model_overrides
@@ -32,9 +33,7 @@ def build_parser() -> ArgumentParser:
     parser = ArgumentParser(description=__doc__.splitlines()[0])
     add_config_arguments(parser, GeneratorTrainConfig, choices={
         "model": list(DiT_models), "precision": ["no", "bf16", "fp16"], "on_bad_shard": ["raise", "skip"]})
-    group = parser.add_argument_group("model overrides (applied on top of the DiT preset)")
-    for name, (kind, help_text) in MODEL_OVERRIDE_FLAGS.items():
-        group.add_argument("--" + name.replace("_", "-"), dest="override_" + name, type=kind, help=help_text)
+    add_override_arguments(parser, MODEL_OVERRIDE_FLAGS, "model overrides (applied on top of the DiT preset)")
     return parser
 
 
@@ -42,8 +41,7 @@ def main(argv=None) -> None:
     from pipelines.train_generator import GeneratorTrainConfig, train_generator
 
     args = build_parser().parse_args(argv)
-    overrides = {name: getattr(args, "override_" + name) for name in MODEL_OVERRIDE_FLAGS
-                 if getattr(args, "override_" + name) is not None}
+    overrides = collect_overrides(args, MODEL_OVERRIDE_FLAGS)
     config = config_from_arguments(GeneratorTrainConfig, args, model_overrides=overrides)
     result = train_generator(config)
     print(f"DiT ({result.num_parameters:,} parameters) saved to {result.model_dir} at step {result.step}")

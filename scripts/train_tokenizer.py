@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import sys
 
-from pipelines.cli import ArgumentParser, add_config_arguments, config_from_arguments, run_main
+from pipelines.cli import (ArgumentParser, add_config_arguments, add_override_arguments, collect_overrides,
+                           config_from_arguments, run_main)
 
 MODEL_OVERRIDE_FLAGS = {
     # flag: (type, help) — collected into TokenizerTrainConfig.model_overrides
@@ -35,9 +36,7 @@ def build_parser() -> ArgumentParser:
     add_config_arguments(parser, TokenizerTrainConfig, choices={
         "model_type": ["eps_vae", "vae"], "perceptual": sorted(PERCEPTUAL_NETWORKS),
         "precision": ["no", "bf16", "fp16"], "reconstruction": ["l1", "l2"]})
-    group = parser.add_argument_group("model overrides (applied on top of the presets)")
-    for name, (kind, help_text) in MODEL_OVERRIDE_FLAGS.items():
-        group.add_argument("--" + name.replace("_", "-"), dest="override_" + name, type=kind, help=help_text)
+    add_override_arguments(parser, MODEL_OVERRIDE_FLAGS, "model overrides (applied on top of the presets)")
     return parser
 
 
@@ -45,8 +44,7 @@ def main(argv=None) -> None:
     from pipelines.train_tokenizer import TokenizerTrainConfig, train_tokenizer
 
     args = build_parser().parse_args(argv)
-    overrides = {name: getattr(args, "override_" + name) for name in MODEL_OVERRIDE_FLAGS
-                 if getattr(args, "override_" + name) is not None}
+    overrides = collect_overrides(args, MODEL_OVERRIDE_FLAGS)
     config = config_from_arguments(TokenizerTrainConfig, args, model_overrides=overrides)
     final_dir = train_tokenizer(config)
     print(f"tokenizer saved to {final_dir}")
