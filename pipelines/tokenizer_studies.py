@@ -62,6 +62,7 @@ class StudyProfile:
     perceptual: str = "effnet-l0"  # training perceptual loss; the *metric* is always EffNet-L0
     batch_size: int = 16
     lr: float = 2e-4
+    adam_betas: tuple[float, float] = (0.0, 0.999)  # the paper's (appendix C.2)
     warmup_steps: int = 20
     ema_decay: float = 0.98
     disc_start: int = 0
@@ -109,11 +110,13 @@ PROFILES: dict[str, StudyProfile] = {
     # 2-core CPU, ~20 min per study: ε-VAE-lite compression (f16, 8 channels) on 64² crops, ~1M-parameter decoders.
     "quick": StudyProfile(
         resolution=64, encoder=_QUICK_ENCODER,
-        eps_decoders={"S16": dataclasses.replace(ADM_PRESETS["S"], base_channels=16), "S": ADM_PRESETS["S"]},
+        eps_decoders={"XS": ADM_PRESETS["XS"], "S": ADM_PRESETS["S"]},
         vae_decoders={"w24": VAEDecoderConfig(base_channels=24, num_res_blocks=1),
                       "w32": VAEDecoderConfig(base_channels=32, num_res_blocks=1)},
-        decoder="S16", vae_decoder="w24", width_groups=(("w24", "S16"), ("w32", "S")), batch_size=8,
-        warmup_steps=20, disc_start=20, train_steps=100, study_minutes=20.0, train_share=0.7, checkpoint_every=50,
+        decoder="XS", vae_decoder="w24", width_groups=(("w24", "XS"), ("w32", "S")), batch_size=8,
+        # At the paper's lr 1e-4 and β1 = 0, 100 steps leave every model near the mean image (measured: PSNR 13
+        # after 200 steps at 2e-4); a higher rate with momentum makes 100 steps informative, for every run alike.
+        lr=1e-3, adam_betas=(0.9, 0.999), warmup_steps=20, disc_start=20, train_steps=100, study_minutes=20.0, train_share=0.7, checkpoint_every=50,
         eval_images=48, eval_batch=48, ladder_nfes=(1, 2, 3, 5, 10)),
     # GPUs, the paper's setting: ε-VAE-lite encoder, Table 5 decoders, 128², 1M steps at batch 256 (appendix C.2).
     "full": StudyProfile(
@@ -479,6 +482,7 @@ def _train_config(spec: RunSpec, profile: StudyProfile, run_dir: Path, data: str
         decoder=spec.model_config.get("decoder_preset") or "custom", init_from=str(run_dir / "init"),
         discriminator=profile.discriminator, data=data, resolution=profile.resolution,
         batch_size=profile.batch_size, num_workers=profile.num_workers, lr=profile.lr, disc_lr=profile.lr,
+        adam_betas=profile.adam_betas,
         warmup_steps=profile.warmup_steps, max_steps=profile.train_steps, max_minutes=max_minutes,
         ema_decay=profile.ema_decay, perceptual=profile.perceptual, perceptual_weights=perceptual_weights,
         perceptual_weight=spec.perceptual_weight, adversarial_weight=spec.adversarial_weight,

@@ -187,7 +187,7 @@ def sample_training_time(tokenizer: EpsVAE | VAE, batch: int, device: torch.devi
     if config.parameterization == "epsilon":
         steps = torch.randint(0, config.ddpm_num_steps, (batch,), device=device)
         return steps.float() / config.ddpm_num_steps
-    return flow.sample_time(batch, config.time_sampling, device=device)
+    return flow.sample_time(batch, config.time_sampling, device=device, location=config.time_location)
 
 
 # ---------------------------------------------------------------------------------------------------------------

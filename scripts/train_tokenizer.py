@@ -22,6 +22,7 @@ MODEL_OVERRIDE_FLAGS = {
     "conditioning": (str, "decoder conditioning: concat | adagn"),
     "parameterization": (str, "velocity (rectified flow) | epsilon (DDPM baseline)"),
     "time_sampling": (str, "training t: logit_normal | uniform"),
+    "time_location": (float, "logit-normal location m of SD3's lognorm(m, 1): 0 = the paper, > 0 favours t near 1"),
     "time_spacing": (str, "decode times: reversed_log | uniform"),
     "kl_weight": (float, "KL weight (default 1e-6)"),
     "preconditioning": (str, "none (the paper) | skip (v = c_skip·x_t + c_out·UNet; faster early training)"),

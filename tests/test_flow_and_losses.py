@@ -83,6 +83,16 @@ def test_logit_normal_samples():
     assert torch.all((u > 0) & (u < 1)) and u.mean().item() == pytest.approx(0.5, abs=0.02)
 
 
+def test_logit_normal_location_moves_mass_toward_noise():
+    """SD3's lognorm(m, 1): the median moves to sigmoid(m), and a 3-step decode's times get more training."""
+    g = torch.Generator().manual_seed(0)
+    shifted = flow.sample_time(20000, "logit_normal", generator=g, location=1.0)
+    assert shifted.median().item() == pytest.approx(torch.sigmoid(torch.tensor(1.0)).item(), abs=0.02)
+    centred = flow.sample_time(20000, "logit_normal", generator=g)
+    last_decode_time = flow.decode_times(3)[-2].item()  # ≈ 0.77: the final Euler step starts here
+    assert (shifted >= last_decode_time).float().mean() > 2 * (centred >= last_decode_time).float().mean()
+
+
 def test_adversarial_losses_closed_forms():
     real, fake = torch.randn(3, 1, 4, 4), torch.randn(3, 1, 4, 4)
     expected_d = -torch.log(torch.sigmoid(real)).mean() - torch.log(1 - torch.sigmoid(fake)).mean()

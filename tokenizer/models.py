@@ -53,6 +53,7 @@ class EpsVAEConfig:
     parameterization: str = "velocity"  # "velocity" (rectified flow) or "epsilon" (Table 4 DDPM baseline)
     gamma: float = 0.6  # noise scaling of Chen (2023), Sec. 3.3
     time_sampling: str = "logit_normal"
+    time_location: float = 0.0  # mean of the logit-normal's normal (0 = the paper); > 0 favours t near 1
     time_spacing: str = "reversed_log"  # Eq. 13
     data_std: float = 0.5  # image std in [-1, 1], for the unit-variance network input
     # "none": the UNet's output is v (the paper). "skip": v = c_skip·x_t + c_out·UNet (EDM-style

@@ -81,6 +81,9 @@ ADM_PRESETS: dict[str, ADMConfig] = {
     # Not a paper size: a CPU-friendly decoder for the offline demo (attention only at the coarsest level).
     "S": ADMConfig(base_channels=24, channel_multipliers=(1, 2, 4), num_res_blocks=1,
                    attention_downsample=(4,), head_channels=32),
+    # Half the compute of "S": the offline demo's decoder and the quick studies' narrow width.
+    "XS": ADMConfig(base_channels=16, channel_multipliers=(1, 2, 4), num_res_blocks=1,
+                    attention_downsample=(4,), head_channels=32),
     # Table 5 (channels, blocks); attention ratios as measured on guided-diffusion's UNetModel.
     "B": ADMConfig(base_channels=64, num_res_blocks=2, attention_downsample=(8,)),
     "M": ADMConfig(base_channels=96, num_res_blocks=2, attention_downsample=(8, 16)),
