@@ -77,8 +77,8 @@ PROFILES: dict[str, DemoProfile] = {
     "default": DemoProfile(),
     "tiny": DemoProfile(
         resolution=32, encoder="tiny", decoder="tiny", downsample=8, latent_channels=4, tokenizer_batch=4,
-        tokenizer_warmup=2, tokenizer_max_steps=3, tokenizer_minutes=1.0, adversarial_weight=0.5, disc_start=1, dit_overrides={
-            "patch_size": 2, "depth": 1, "hidden_size": 32, "num_heads": 2},
+        tokenizer_warmup=2, tokenizer_max_steps=3, tokenizer_minutes=1.0, adversarial_weight=0.5, disc_start=1,
+        dit_overrides={"patch_size": 2, "depth": 1, "hidden_size": 32, "num_heads": 2},
         dit_batch=8, dit_max_steps=3, dit_minutes=1.0, train_crops_per_class=4, val_crops_per_class=4,
         grid_per_class=2, fd_images=12, ddpm_steps=10, decode_steps=2, batch_size=16),
 }
