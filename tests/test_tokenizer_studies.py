@@ -279,3 +279,13 @@ def test_unknown_study_or_profile_is_one_clear_error(tmp_path):
         studies.run_study("nope", "micro", tmp_path)
     with pytest.raises(ValueError, match="unknown profile"):
         studies.run_study("gamma", "huge", tmp_path)
+
+
+def test_profile_preconditioning_reaches_velocity_rows_only():
+    quick = studies.PROFILES["quick"]
+    ladder = {run.name: run.model_config for run in studies.ladder_runs(quick)}
+    assert ladder["row-baseline"]["parameterization"] == "epsilon"
+    assert ladder["row-baseline"]["preconditioning"] == "none"  # not defined for ε-prediction
+    assert all(config["preconditioning"] == "skip" for name, config in ladder.items() if name != "row-baseline")
+    full_eps = [run for run in studies.vae_vs_eps_runs(studies.PROFILES["full"]) if run.model_type == "eps_vae"]
+    assert full_eps and all(run.model_config["preconditioning"] == "none" for run in full_eps)  # the paper
