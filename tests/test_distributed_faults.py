@@ -26,7 +26,7 @@ import pytest
 import torch
 
 from pipelines.logging import read_jsonl
-from test_faults_training import reset_accelerate
+from support import cache_tiny_latents
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 COLLECTIVE_TIMEOUT_S = 20
@@ -36,17 +36,7 @@ EXIT_BOUND_S = COLLECTIVE_TIMEOUT_S + 60
 
 @pytest.fixture(scope="module")
 def latent_dir(tmp_path_factory) -> Path:
-    from pipelines.cache_latents import CacheLatentsConfig, cache_latents
-    from tokenizer import EpsVAE
-
-    torch.manual_seed(0)
-    tokenizer = tmp_path_factory.mktemp("tokenizer")
-    EpsVAE.from_preset("tiny", "tiny").save_pretrained(tokenizer)
-    out = tmp_path_factory.mktemp("latents")
-    cache_latents(CacheLatentsConfig(tokenizer=str(tokenizer), data="offline", output_dir=str(out), resolution=32,
-                                     crops_per_class=2, batch_size=8, num_workers=0, samples_per_shard=4, cpu=True))
-    reset_accelerate()
-    return out
+    return cache_tiny_latents(tmp_path_factory, samples_per_shard=4)
 
 
 def _free_port() -> int:

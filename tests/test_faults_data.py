@@ -20,7 +20,8 @@ import pytest
 import torch
 
 from data.latent_shards import LatentShardDataset, load_manifest
-from test_faults_training import cli, reset_accelerate, run_until_killed
+from support import one_torch_thread, save_tiny_tokenizer
+from test_faults_training import cli, run_until_killed
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SAMPLES_PER_SHARD = 7  # not a multiple of the batch size: a resumed run encodes differently composed batches
@@ -28,21 +29,13 @@ SAMPLES_PER_SHARD = 7  # not a multiple of the batch size: a resumed run encodes
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    reset_accelerate()
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory) -> Path:
-    from tokenizer import EpsVAE
-
-    torch.manual_seed(0)
-    directory = tmp_path_factory.mktemp("tokenizer")
-    EpsVAE.from_preset("tiny", "tiny").save_pretrained(directory)
-    return directory
+    return save_tiny_tokenizer(tmp_path_factory.mktemp("tokenizer"))
 
 
 def cache_argv(tokenizer: Path, out: Path, *extra: str) -> list[str]:

@@ -28,6 +28,7 @@ from safetensors.torch import load_file
 from pipelines.checkpoints import CheckpointManager, verify_checkpoint
 from pipelines.cli import run_main
 from pipelines.logging import read_jsonl
+from support import cache_tiny_latents, one_torch_thread, reset_accelerate
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER_ARGS = [
@@ -51,12 +52,6 @@ def load_script(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def reset_accelerate() -> None:
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def cli(script: str, argv: list[str]) -> int:
@@ -103,11 +98,8 @@ def run_until_killed(script: str, argv: list[str], log: Path, fault: str | None 
 @pytest.fixture(autouse=True)
 def _one_thread():
     """The killed subprocesses run with OMP_NUM_THREADS=1; the in-process runs must use the same kernels."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    reset_accelerate()
+    with one_torch_thread():
+        yield
 
 
 def tokenizer_argv(out: Path, max_steps: int = MAX_STEPS, *extra: str) -> list[str]:
@@ -367,17 +359,7 @@ def test_too_many_nans_in_a_row_stop_with_a_clear_message_and_a_usable_checkpoin
 
 @pytest.fixture(scope="module")
 def latent_dir(tmp_path_factory) -> Path:
-    from pipelines.cache_latents import CacheLatentsConfig, cache_latents
-    from tokenizer import EpsVAE
-
-    torch.manual_seed(0)
-    tokenizer = tmp_path_factory.mktemp("tokenizer")
-    EpsVAE.from_preset("tiny", "tiny").save_pretrained(tokenizer)
-    out = tmp_path_factory.mktemp("latents")
-    cache_latents(CacheLatentsConfig(tokenizer=str(tokenizer), data="offline", output_dir=str(out), resolution=32,
-                                     crops_per_class=2, batch_size=8, num_workers=0, samples_per_shard=8, cpu=True))
-    reset_accelerate()
-    return out
+    return cache_tiny_latents(tmp_path_factory, samples_per_shard=8)
 
 
 def generator_argv(shards: Path, out: Path, max_steps: int = 6, *extra: str) -> list[str]:

@@ -22,7 +22,8 @@ import numpy as np
 import pytest
 import torch
 
-from test_faults_training import cli, reset_accelerate, subprocess_env
+from support import reset_accelerate
+from test_faults_training import cli, subprocess_env
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MARKER_NAME = "PWNED"

@@ -29,6 +29,7 @@ from pipelines.checkpoints import CheckpointManager
 from pipelines.generate import generate_latents
 from pipelines.logging import read_jsonl
 from pipelines.train_generator import GeneratorTrainConfig, stream_seed, train_generator
+from support import reset_accelerate, save_tiny_tokenizer
 from tokenizer import EpsVAE, load_tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -41,17 +42,12 @@ TINY_DIT = {"depth": 2, "hidden_size": 64, "num_heads": 2}
 def _fresh_accelerate_state():
     """accelerate keeps process-wide state; reset it so each run builds its accelerator from scratch."""
     yield
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
+    reset_accelerate()
 
 
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    directory = tmp_path_factory.mktemp("tokenizer")
-    EpsVAE.from_preset("tiny", "tiny").save_pretrained(directory)
-    return directory
+    return save_tiny_tokenizer(tmp_path_factory.mktemp("tokenizer"))
 
 
 def _cache_config(tokenizer_dir: Path, output_dir: Path, **changes) -> CacheLatentsConfig:
@@ -65,9 +61,7 @@ def _cache_config(tokenizer_dir: Path, output_dir: Path, **changes) -> CacheLate
 def latent_dir(tokenizer_dir, tmp_path_factory) -> Path:
     output_dir = tmp_path_factory.mktemp("latents")
     cache_latents(_cache_config(tokenizer_dir, output_dir))
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
+    reset_accelerate()
     return output_dir
 
 
@@ -159,9 +153,7 @@ def test_rerun_skips_complete_shards_and_redoes_only_missing_ones(tokenizer_dir,
     # Lose one completed shard (and its sidecar): only its 10 samples are encoded again.
     (work / "rank00000-000001.tar").unlink()
     (work / "rank00000-000001.tar.json").unlink()
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
+    reset_accelerate()
     result = cache_latents(_cache_config(tokenizer_dir, work))
     old, new = json.loads(before), result.manifest
     assert result.encoded == 10 and new["num_samples"] == old["num_samples"]
@@ -256,9 +248,7 @@ def test_train_save_load_round_trip_and_normalisation(tokenizer_dir, latent_dir,
 def test_resumed_run_continues_from_the_checkpoint_step(latent_dir, tmp_path):
     run = tmp_path / "run"
     train_generator(_train_config(latent_dir, run, max_steps=2, checkpoint_every=1))
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
+    reset_accelerate()
     first_checkpoint = CheckpointManager(run / "checkpoints").resolve("auto")
     first_weights = (first_checkpoint / "model_dit.safetensors").read_bytes()
     resumed = train_generator(_train_config(latent_dir, run, max_steps=4, checkpoint_every=1, resume="auto"))
@@ -362,12 +352,6 @@ def test_two_process_training_keeps_ranks_identical(latent_dir, tmp_path):
     assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [1, 2]
 
 
-def _reset_accelerate() -> None:
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
 def test_folder_source_records_bad_files_once_and_webdataset_source_matches(tokenizer_dir, tmp_path):
     import webdataset as wds
 
@@ -384,7 +368,7 @@ def test_folder_source_records_bad_files_once_and_webdataset_source_matches(toke
     assert manifest["num_samples"] == 16
     skipped = {Path(s["path"]).name: s["reason"] for s in manifest["skipped"]}
     assert set(skipped) == {"zero_bytes.png", "truncated.png"} and "empty" in skipped["zero_bytes.png"]
-    _reset_accelerate()
+    reset_accelerate()
     rerun = cache_latents(config)
     assert rerun.encoded == 0 and rerun.manifest == manifest  # skips are not recorded twice
 
@@ -398,7 +382,7 @@ def test_folder_source_records_bad_files_once_and_webdataset_source_matches(toke
                 path, label = dataset.samples[index]
                 sink.write({"__key__": Path(path).stem, "png": Path(path).read_bytes(), "cls": str(label).encode()})
     (shard_dir / "classes.txt").write_text("\n".join(dataset.class_names) + "\n")
-    _reset_accelerate()
+    reset_accelerate()
     from_shards = cache_latents(_cache_config(tokenizer_dir, tmp_path / "from_shards",
                                               data=str(shard_dir / "train-{000..001}.tar"), crops_per_class=None))
     assert from_shards.manifest["num_samples"] == 16 and from_shards.manifest["class_names"] == dataset.class_names
