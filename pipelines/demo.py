@@ -10,7 +10,6 @@ pipeline (fresh DiT + fresh tokenizer). All distances are FD-EffNetL0, never FID
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 import time

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
-import scipy.linalg
 import torch
 import torch.nn.functional as F
 

@@ -120,7 +120,7 @@ def _write_hostile_tree(root, size: int = 48) -> dict[str, str]:
 
 
 def test_folder_handles_every_hostile_case(tmp_path):
-    paths = _write_hostile_tree(tmp_path)
+    _write_hostile_tree(tmp_path)
     dataset = ImageFolderDataset(str(tmp_path), "train", resolution=48, train=False)
     assert dataset.class_names == ["n001", "n002"] and dataset.num_classes == 2
     reasons = {os.path.basename(p): r for p, r in dataset.skipped}

@@ -5,12 +5,11 @@ import json
 import pytest
 import torch
 
-from tokenizer.discriminator import (DISCRIMINATOR_PRESETS, DiscriminatorConfig, TrajectoryDiscriminator,
-                                     build_discriminator)
+from tokenizer.discriminator import DISCRIMINATOR_PRESETS, TrajectoryDiscriminator, build_discriminator
 from tokenizer.encoder import (ENCODER_PRESETS, DiagonalGaussian, EncoderConfig, build_encoder,
                                multipliers_for_downsample)
 from tokenizer.nn import count_parameters
-from tokenizer.vae_decoder import VAE_DECODER_PRESETS, VAEDecoderConfig, build_vae_decoder
+from tokenizer.vae_decoder import VAE_DECODER_PRESETS, build_vae_decoder
 
 META = torch.device("meta")
 SMALL_ENCODERS = ("tiny", "tiny-lite")

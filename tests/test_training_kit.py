@@ -8,13 +8,11 @@ from __future__ import annotations
 import errno
 import json
 import logging
-import math
 import os
 import socket
 import subprocess
 import sys
 import textwrap
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 

@@ -123,8 +123,8 @@ class ZeroDistance(PerceptualDistance):
 
 def _lpips_vgg_how_to(path: Path) -> str:
     return (
-        f"download them on a machine with internet (torchvision.models.vgg16(weights='IMAGENET1K_V1')) and copy "
-        f"the file there, or pass --perceptual-weights PATH, or use --perceptual effnet-l0 offline"
+        "download them on a machine with internet (torchvision.models.vgg16(weights='IMAGENET1K_V1')) and copy "
+        "the file there, or pass --perceptual-weights PATH, or use --perceptual effnet-l0 offline"
     )
 
 
