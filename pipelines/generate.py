@@ -6,6 +6,7 @@ and `.npz`) builds on the same function. The paper's numbers use no classifier-f
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Sequence
 
 import torch
@@ -42,6 +43,7 @@ def generate_latents(
     cfg_scale: float = 1.0,
     diffusion_steps: int = DIFFUSION_STEPS,
     variance: str = "fixed_large",
+    autocast_dtype: torch.dtype | None = None,
     progress: bool = False,
 ) -> torch.Tensor:
     """Sample tokenizer latents (B, C, h, w) for class `labels` (B,) with `num_steps` respaced DDPM steps.
@@ -60,7 +62,9 @@ def generate_latents(
                            generator, device)  # (B, C, h, w)
 
     def model_fn(x_t: torch.Tensor, timesteps: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return dit(x_t, timesteps, y)
+        autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
+        with autocast:  # the DiT in bf16 / fp16 if asked; the DDPM state stays float32
+            return dit(x_t, timesteps, y).float()
 
     guided = classifier_free_guidance(model_fn, cfg_scale, dit.null_class)
     was_training = dit.training

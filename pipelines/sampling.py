@@ -33,13 +33,12 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from generator.diffusion import DiffusionSchedule, classifier_free_guidance, ddpm_sample, linear_beta_schedule, respace
 from generator.dit import DiT, DiTConfig, load_config
+from pipelines.generate import DIFFUSION_STEPS, generate_latents
 from pipelines.metrics import to_uint8
 
 logger = logging.getLogger(__name__)
 
-DIFFUSION_STEPS = 1000  # T of the stage-2 training process (paper C.3)
 PRECISIONS: dict[str, torch.dtype | None] = {"no": None, "fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 SAMPLE_NAME = re.compile(r"^(\d{6,})_c(\d+)_s(\d+)\.png$")
 _PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the IEND chunk every complete PNG ends with
@@ -196,11 +195,6 @@ def make_generators(seeds: Sequence[int], device: torch.device | str = "cpu") ->
     return [torch.Generator(device=torch.device(device)).manual_seed(int(seed)) for seed in seeds]
 
 
-def sampling_schedule(num_steps: int | str, diffusion_steps: int = DIFFUSION_STEPS) -> DiffusionSchedule:
-    """The training process (linear β, T steps, paper C.3) respaced to `num_steps` (ADM spacing)."""
-    return respace(linear_beta_schedule(diffusion_steps), str(num_steps))
-
-
 def _autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
@@ -282,24 +276,9 @@ class GenerationPipeline:
         progress: bool = False,
     ) -> torch.Tensor:
         """Tokenizer-space latents (B, C, h, w): x_T and every DDPM step's noise come from each image's generator."""
-        config, device = self.dit.config, self.device
-        labels = torch.as_tensor(labels, dtype=torch.int64, device=device).flatten()  # (B,)
-        if labels.numel() != len(generators):
-            raise ValueError(f"got {len(generators)} generators for {labels.numel()} labels")
-        if labels.numel() == 0 or labels.min() < 0 or labels.max() >= config.num_classes:
-            raise ValueError(f"labels must be class ids in [0, {config.num_classes}), got {labels.tolist()[:8]}")
-        shape = (config.in_channels, config.input_size, config.input_size)
-        noise = torch.stack([torch.randn(shape, generator=g, device=g.device).to(device) for g in generators])
-
-        def model_fn(x_t: torch.Tensor, timesteps: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            with _autocast(device, autocast_dtype):
-                return self.dit(x_t, timesteps, y).float()
-
-        guided = classifier_free_guidance(model_fn, cfg_scale, self.dit.null_class)
-        normalised = ddpm_sample(guided, sampling_schedule(ddpm_steps, self.diffusion_steps), noise,
-                                 variance=variance, generator=list(generators), model_kwargs={"y": labels},
-                                 progress=progress)  # (B, C, h, w)
-        return self.dit.denormalize_latents(normalised.float())
+        return generate_latents(self.dit, labels, ddpm_steps, list(generators), cfg_scale=cfg_scale,
+                                diffusion_steps=self.diffusion_steps, variance=variance,
+                                autocast_dtype=autocast_dtype, progress=progress)  # (B, C, h, w)
 
     @torch.no_grad()
     def decode(
