@@ -37,6 +37,9 @@ class DemoProfile:
     # Minutes of CPU training are far too few for a zero-initialised UNet to learn to pass the noise through at
     # t ≈ 1 (decodes stay noise); the skip preconditioning gives that for free (see flow.velocity_preconditioning).
     preconditioning: str = "skip"
+    # Start the posterior nearly deterministic (std e^-3 instead of 1): at the reference init the sampling noise
+    # swamps the still-small latent means for much of a short run (measured: PSNR 13.3 -> 13.6 dB at 200 steps).
+    logvar_init: float = -6.0
     # A few hundred CPU steps are all the tokenizer gets: train where the 3-step decode evaluates the model
     # (t ≥ 0.77, flow.sample_time) and with momentum at a higher rate than the paper's (0, 0.999) / 1e-4.
     time_location: float = 1.0
@@ -199,7 +202,8 @@ def run_demo(out_dir: str | Path = "runs/demo", profile_name: str = "default", f
     tokenizer_config = TokenizerTrainConfig(
         output_dir=str(out / "tokenizer"), model_type="eps_vae", encoder=profile.encoder, decoder=profile.decoder,
         model_overrides={"downsample": profile.downsample, "latent_channels": profile.latent_channels,
-                         "preconditioning": profile.preconditioning, "time_location": profile.time_location},
+                         "preconditioning": profile.preconditioning, "time_location": profile.time_location,
+                         "logvar_init": profile.logvar_init},
         discriminator=profile.discriminator, data="offline", resolution=profile.resolution,
         batch_size=profile.tokenizer_batch, num_workers=1, lr=profile.tokenizer_lr, disc_lr=profile.tokenizer_lr,
         adam_betas=profile.tokenizer_betas, perceptual_weight=profile.perceptual_weight,

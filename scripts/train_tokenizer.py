@@ -25,6 +25,7 @@ MODEL_OVERRIDE_FLAGS = {
     "time_location": (float, "logit-normal location m of SD3's lognorm(m, 1): 0 = the paper, > 0 favours t near 1"),
     "time_spacing": (str, "decode times: reversed_log | uniform"),
     "kl_weight": (float, "KL weight (default 1e-6)"),
+    "logvar_init": (float, "initial posterior log-variance of the encoder (default 0; short runs: about -6)"),
     "preconditioning": (str, "none (the paper) | skip (v = c_skip·x_t + c_out·UNet; faster early training)"),
 }
 

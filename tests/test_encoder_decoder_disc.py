@@ -136,6 +136,28 @@ def test_encoder_without_double_z_keeps_moment_layout():
     assert torch.allclose(posterior.sample(), posterior.mean, atol=1e-5)
 
 
+def test_logvar_init_sets_the_initial_posterior_spread_only():
+    x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    reference = build_encoder(ENCODER_PRESETS["tiny"])
+    torch.manual_seed(0)
+    shrunk = build_encoder(dataclasses.replace(ENCODER_PRESETS["tiny"], logvar_init=-6.0))
+    before, after = DiagonalGaussian(reference(x)), DiagonalGaussian(shrunk(x))
+    assert torch.equal(before.mean, after.mean)  # only the logvar bias moves
+    assert torch.equal(shrunk.conv_out.bias[4:], torch.full((4,), -6.0))
+    assert after.std.max() < 0.1 < before.std.min()
+    with pytest.raises(ValueError, match="logvar_init"):
+        EncoderConfig(logvar_init=-40.0)
+
+
+def test_logvar_init_is_a_model_override_and_survives_the_config():
+    from tokenizer.models import EpsVAE, EpsVAEConfig
+
+    model = EpsVAE.from_preset("tiny", "tiny", logvar_init=-5.0)
+    assert model.config.encoder.logvar_init == -5.0
+    assert EpsVAEConfig.from_dict(json.loads(json.dumps(model.config.to_dict()))) == model.config
+
+
 # --------------------------------------------------------------------------------------------------- posterior
 def test_kl_of_standard_normal_is_zero():
     assert torch.equal(DiagonalGaussian(torch.zeros(3, 8, 4, 4)).kl(), torch.zeros(3))

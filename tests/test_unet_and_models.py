@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from tokenizer import EpsVAE, EpsVAEConfig, VAE, VAEConfig, load_tokenizer
 from tokenizer import flow
-from tokenizer.nn import count_parameters
+from tokenizer.nn import count_parameters, group_norm
 from tokenizer.unet import ADM_PRESETS, ADMConfig, ADMUNet
 
 # Paper Table 7, ε-VAE decoder G parameters in millions.
@@ -90,6 +90,28 @@ def test_tiny_model_decodes_at_twice_the_training_size(conditioning):
             x = model.decode(z, steps=2, generator=torch.Generator().manual_seed(0))
             assert x.shape == (2, 3, size, size)
             assert torch.isfinite(x).all() and x.abs().max() <= 1.0
+
+
+@pytest.mark.parametrize("channels", [64, 96, 128, 256, 512])
+def test_reference_widths_keep_adm_32_groups(channels):
+    assert group_norm(channels).num_groups == 32
+
+
+@pytest.mark.parametrize("channels", [8, 16, 24, 32, 48])
+def test_narrow_layers_keep_flat_colour_through_group_norm(channels):
+    # One channel per group would be InstanceNorm: constant feature maps (a flat-coloured image) normalise to 0.
+    norm = group_norm(channels)
+    assert channels // norm.num_groups >= 4
+    flat = torch.arange(channels, dtype=torch.float32).view(1, channels, 1, 1).expand(2, channels, 8, 8)
+    assert norm(flat).abs().mean() > 0.5
+
+
+@pytest.mark.parametrize("size", sorted(ADM_PRESETS))
+def test_no_decoder_preset_has_single_channel_groups(size):
+    with torch.device("meta"):
+        unet = ADMUNet(ADM_PRESETS[size], cond_channels=4)
+    norms = [m for m in unet.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert norms and all(m.num_channels // m.num_groups >= 2 for m in norms)
 
 
 def test_unet_rejects_sizes_that_do_not_divide():

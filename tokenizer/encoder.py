@@ -66,6 +66,9 @@ class EncoderConfig:
     latent_channels: int = 4
     mid_attention: bool = True
     double_z: bool = True  # predict (mean, logvar); False = plain autoencoder with a constant tiny logvar
+    # Initial posterior log-variance (bias of the logvar outputs). 0 (the reference init) starts with unit-std
+    # sampling noise on a latent whose mean is still small: short runs learn colour slowly until it shrinks.
+    logvar_init: float = 0.0
     dropout: float = 0.0
     in_channels: int = 3
 
@@ -79,6 +82,8 @@ class EncoderConfig:
         for name in ("base_channels", "num_res_blocks", "latent_channels", "in_channels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"EncoderConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if not LOGVAR_MIN <= self.logvar_init <= LOGVAR_MAX:
+            raise ValueError(f"EncoderConfig.logvar_init must be in [{LOGVAR_MIN}, {LOGVAR_MAX}], got {self.logvar_init}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"EncoderConfig.dropout must be in [0, 1), got {self.dropout}")
 
@@ -200,6 +205,9 @@ class Encoder(nn.Module):
         self.conv_out = (nn.Conv2d(channels, out_channels, 3, padding=1) if sd
                          else nn.Conv2d(channels, out_channels, 1))
         # Weights keep PyTorch's default conv init, as the reference implementations do.
+        if config.double_z and config.logvar_init:
+            with torch.no_grad():
+                self.conv_out.bias[config.latent_channels:].fill_(config.logvar_init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cfg = self.config

@@ -116,8 +116,9 @@ class VAEConfig:
         return cls(**d)
 
 
-def _preset_encoder(name: str, latent_channels: int | None, downsample: int | None) -> EncoderConfig:
-    """An encoder preset with its latent width and/or downsampling factor changed (paper Fig. 2 settings)."""
+def _preset_encoder(name: str, latent_channels: int | None, downsample: int | None,
+                    logvar_init: float | None = None) -> EncoderConfig:
+    """An encoder preset with its latent width, downsampling factor (paper Fig. 2) or initial logvar changed."""
     if name not in ENCODER_PRESETS:
         raise ValueError(f"unknown encoder preset {name!r}; choose from {sorted(ENCODER_PRESETS)}")
     config = ENCODER_PRESETS[name]
@@ -126,6 +127,8 @@ def _preset_encoder(name: str, latent_channels: int | None, downsample: int | No
     if downsample is not None:
         multipliers = multipliers_for_downsample(config.channel_multipliers, int(downsample))
         config = dataclasses.replace(config, channel_multipliers=multipliers)
+    if logvar_init is not None:
+        config = dataclasses.replace(config, logvar_init=float(logvar_init))
     return config
 
 
@@ -134,11 +137,13 @@ def _config_from_presets(config_cls, decoder_presets: dict, encoder: str, decode
         raise ValueError(f"unknown decoder preset {decoder!r}; choose from {sorted(decoder_presets)}")
     latent_channels = overrides.pop("latent_channels", None)
     downsample = overrides.pop("downsample", None)
+    logvar_init = overrides.pop("logvar_init", None)
     fields = {f.name for f in dataclasses.fields(config_cls)} - {"encoder", "decoder"}
     unknown = sorted(set(overrides) - fields)
     if unknown:
-        raise ValueError(f"unknown override(s) {unknown}; allowed: latent_channels, downsample, {sorted(fields)}")
-    return config_cls(encoder=_preset_encoder(encoder, latent_channels, downsample),
+        raise ValueError(f"unknown override(s) {unknown}; allowed: latent_channels, downsample, logvar_init, "
+                         f"{sorted(fields)}")
+    return config_cls(encoder=_preset_encoder(encoder, latent_channels, downsample, logvar_init),
                       decoder=decoder_presets[decoder],
                       **{"encoder_preset": encoder, "decoder_preset": decoder, **overrides})
 
