@@ -333,8 +333,7 @@ def discriminator_step_loss(
              "d_fake_logit": fake_logits.detach().float().mean().item()}
     if with_r1:
         # Gradient w.r.t. the input only: DDP's parameter hooks fire once, in the backward of the total.
-        (gradient,) = torch.autograd.grad(real_logits.float().sum(), real, create_graph=True)
-        r1 = gradient.pow(2).flatten(1).sum(1).mean()
+        r1 = losses.r1_from_logits(real_logits, real)
         loss = loss + config.r1_weight * config.r1_interval * r1
         stats["r1"] = r1.detach().item()
     return loss, stats

@@ -121,11 +121,25 @@ def test_r1_penalty_matches_direct_autograd():
     penalty = losses.r1_penalty(disc, x, t)
 
     x_direct = x.clone().requires_grad_(True)
-    (grad,) = torch.autograd.grad(disc(x_direct, t).sum(), x_direct)
+    (grad,) = torch.autograd.grad(disc(x_direct, t).mean(dim=(1, 2, 3)).sum(), x_direct)
     torch.testing.assert_close(penalty, grad.pow(2).sum(dim=(1, 2, 3)).mean())
     # Differentiable w.r.t. the discriminator's parameters (needed for the D step).
     penalty.backward()
     assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0
+
+
+def test_r1_penalty_does_not_grow_with_the_number_of_patches():
+    """A PatchGAN that repeats one per-image logit over P patches is the same D: same R1 for any P."""
+    weight = torch.randn(6, 1, 1)
+
+    def scalar_logit(x):  # (B, 6, H, W) -> (B,)
+        return torch.tanh((x * weight).mean(dim=(1, 2, 3)))
+
+    x = torch.randn(3, 6, 8, 8)
+    single = losses.r1_penalty(lambda v: scalar_logit(v).view(-1, 1, 1, 1), x)
+    for patches in (4, 14):
+        tiled = losses.r1_penalty(lambda v: scalar_logit(v).view(-1, 1, 1, 1).expand(-1, 1, patches, patches), x)
+        torch.testing.assert_close(tiled, single)
 
 
 def test_trajectory_pair_stacks_channels():
