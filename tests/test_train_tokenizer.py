@@ -117,6 +117,22 @@ def test_resume_equals_uninterrupted_run(tmp_path):
         assert torch.equal(state["exp_avg"], opt_b["state"][key]["exp_avg"])
 
 
+def test_channels_last_trains_the_same_model_and_resumes(tmp_path):
+    standard = tiny_config(tmp_path / "a", max_steps=2, adversarial_weight=0.5)
+    train_tokenizer(standard)
+    nhwc = tiny_config(tmp_path / "b", max_steps=1, adversarial_weight=0.5, channels_last=True)
+    train_tokenizer(nhwc)
+    train_tokenizer(tiny_config(tmp_path / "b", max_steps=2, adversarial_weight=0.5, channels_last=True,
+                                resume="auto"))
+    for name in ("model_tokenizer", "model_discriminator"):
+        a = load_file(Path(standard.output_dir) / "checkpoints" / "step_000000002" / f"{name}.safetensors")
+        b = load_file(Path(nhwc.output_dir) / "checkpoints" / "step_000000002" / f"{name}.safetensors")
+        assert a.keys() == b.keys()
+        for key in a:  # only the convolution algorithms differ
+            torch.testing.assert_close(b[key], a[key], rtol=1e-3, atol=1e-5, msg=f"{name}.{key}")
+    assert EpsVAE.from_pretrained(Path(nhwc.output_dir) / "model") is not None
+
+
 def test_config_rejects_bad_values(tmp_path):
     with pytest.raises(ValueError, match="model_type"):
         tiny_config(tmp_path, model_type="vqgan")
