@@ -4,11 +4,14 @@ It is the embedded default for the demo and the tests: nothing is downloaded (on
 scikit-image install are used; those that need a pooch download are not in the registry), and it is
 deterministic given `seed`.
 
-Each photo is split along its long axis into a train region and a held-out val band (the last `val_fraction`
-of the long side). Crops never cross the boundary: a region is cut out *before* resampling, so even the bicubic
-filter's support cannot read the other region's pixels, and val measures generalisation to unseen pixels.
-Crops come at several scales: a window of side `scale × band` (band = the val band's width, the same in both
-splits so train and val see the same object scales) is resized to `resolution`. Windows smaller than the
+Each photo is cut into a grid of about square tiles (`tiles_per_short_side` across its short side); a third of
+them, spread so every row and column of the grid has some, hold the val crops and the rest the train crops.
+Crops never cross a tile boundary: a tile is cut out *before* resampling, so even the bicubic filter's support
+cannot read another tile's pixels, and val measures generalisation to unseen pixels. Spreading val over the
+photo keeps the two splits one distribution, as ImageNet's are: with val one far band of each photo, real train
+crops alone scored FD-EffNetL0 95 against val while two halves of val scored 34, so a generator could not get
+near the floor however well it learned. Crops come at several scales: a window of side `scale × tile` (the
+photo's smallest tile side, the same in both splits) is resized to `resolution`. Windows smaller than the
 resolution are upsampled, so resolutions above ~128 get softer crops.
 """
 from __future__ import annotations
@@ -71,15 +74,24 @@ def load_photo(name: str) -> Image.Image:
     return photo.crop(spec.box) if spec.box is not None else photo
 
 
-def split_regions(width: int, height: int, val_fraction: float) -> dict[str, tuple[int, int, int, int]]:
-    """Disjoint (left, top, right, bottom) train and val regions: val is the far band of the long axis."""
-    if not 0.0 < val_fraction < 0.5:
-        raise ValueError(f"val_fraction must be in (0, 0.5), got {val_fraction}")
-    if width >= height:
-        band = round(val_fraction * width)
-        return {"train": (0, 0, width - band, height), "val": (width - band, 0, width, height)}
-    band = round(val_fraction * height)
-    return {"train": (0, 0, width, height - band), "val": (0, height - band, width, height)}
+def split_tiles(width: int, height: int, tiles_per_short_side: int = 4) -> dict[str, list[tuple[int, int, int, int]]]:
+    """Disjoint (left, top, right, bottom) train and val tiles covering the photo.
+
+    Tile (row, col) is val when (row + col) % 3 == 0: a third of the tiles, on diagonals, so val samples the
+    whole photo (centre and edges, every object) rather than one side of it.
+    """
+    if tiles_per_short_side < 2:
+        raise ValueError(f"tiles_per_short_side must be >= 2, got {tiles_per_short_side}")
+    tile = min(width, height) / tiles_per_short_side
+    columns, rows = max(1, round(width / tile)), max(1, round(height / tile))
+    xs = np.linspace(0, width, columns + 1).round().astype(int)
+    ys = np.linspace(0, height, rows + 1).round().astype(int)
+    tiles: dict[str, list[tuple[int, int, int, int]]] = {"train": [], "val": []}
+    for row in range(rows):
+        for column in range(columns):
+            split = "val" if (row + column) % 3 == 0 else "train"
+            tiles[split].append((int(xs[column]), int(ys[row]), int(xs[column + 1]), int(ys[row + 1])))
+    return tiles
 
 
 class OfflinePhotoDataset(Dataset):
@@ -98,7 +110,7 @@ class OfflinePhotoDataset(Dataset):
         seed: int = 0,
         *,
         scales: tuple[float, ...] = (0.5, 0.7, 1.0),
-        val_fraction: float = 0.3,
+        tiles_per_short_side: int = 4,
         random_flip: bool = False,
         photos: tuple[str, ...] | None = None,
     ):
@@ -121,27 +133,36 @@ class OfflinePhotoDataset(Dataset):
         self.class_names = names
         self.skipped: list = []  # nothing is ever skipped here; kept for the common dataset interface
 
-        self._regions: list[Image.Image] = []  # each class's region of its photo, cut out before any resampling
+        # Each crop's tile of its photo, cut out before any resampling, and the crop's box inside that tile.
+        self._tiles: list[Image.Image] = []
+        self._crop_tiles: list[int] = []  # index into _tiles, per crop
+        self.crop_tile_index: list[int] = []  # per crop: which of its photo's tiles of this split it lies in
         self.crop_boxes: list[tuple[int, int, int, int]] = []  # photo coordinates
-        self._region_boxes: list[tuple[int, int, int, int]] = []  # region coordinates
+        self._tile_boxes: list[tuple[int, int, int, int]] = []  # tile coordinates
         for class_index, name in enumerate(names):
             photo = load_photo(name)
-            regions = split_regions(*photo.size, val_fraction)
-            band = min(regions["val"][2] - regions["val"][0], regions["val"][3] - regions["val"][1])
-            region_box = regions[split]
-            region = photo.crop(region_box)
-            region.load()
-            self._regions.append(region)
+            all_tiles = split_tiles(*photo.size, tiles_per_short_side)
+            tile_side = min(min(r - l, b - t) for boxes in all_tiles.values() for l, t, r, b in boxes)
+            first_tile = len(self._tiles)
+            for box in all_tiles[split]:
+                tile = photo.crop(box)
+                tile.load()
+                self._tiles.append(tile)
+            boxes = all_tiles[split]
             rng = np.random.default_rng([seed, SPLITS[split], class_index])
             for k in range(self.crops_per_class):
-                side = max(1, round(scales[k % len(scales)] * band))
-                if side > min(region.size):
-                    raise ValueError(f"photo {name!r}: window {side} does not fit region {region.size}")
-                left = int(rng.integers(0, region.size[0] - side + 1))
-                top = int(rng.integers(0, region.size[1] - side + 1))
-                self._region_boxes.append((left, top, left + side, top + side))
+                # Round-robin over tiles, scales shifted by one each pass: every tile gets an equal share (±1) and,
+                # over passes, every scale; tile parity then splits a class's crops into two pixel-disjoint halves.
+                which, visit = k % len(boxes), k // len(boxes)
+                side = max(1, round(scales[(which + visit) % len(scales)] * tile_side))
+                tile_box = boxes[which]
+                self.crop_tile_index.append(which)
+                left = int(rng.integers(0, tile_box[2] - tile_box[0] - side + 1))
+                top = int(rng.integers(0, tile_box[3] - tile_box[1] - side + 1))
+                self._crop_tiles.append(first_tile + which)
+                self._tile_boxes.append((left, top, left + side, top + side))
                 self.crop_boxes.append(
-                    (region_box[0] + left, region_box[1] + top, region_box[0] + left + side, region_box[1] + top + side)
+                    (tile_box[0] + left, tile_box[1] + top, tile_box[0] + left + side, tile_box[1] + top + side)
                 )
 
     @property
@@ -153,13 +174,12 @@ class OfflinePhotoDataset(Dataset):
         return [i // self.crops_per_class for i in range(len(self))]
 
     def __len__(self) -> int:
-        return len(self._region_boxes)
+        return len(self._tile_boxes)
 
     def crop_array(self, index: int) -> np.ndarray:
         """Sample `index` as an unflipped (R, R, 3) uint8 array."""
-        class_index = index // self.crops_per_class
-        crop = self._regions[class_index].resize(
-            (self.resolution, self.resolution), resample=Image.BICUBIC, box=self._region_boxes[index]
+        crop = self._tiles[self._crop_tiles[index]].resize(
+            (self.resolution, self.resolution), resample=Image.BICUBIC, box=self._tile_boxes[index]
         )
         return np.asarray(crop)
 

@@ -12,7 +12,7 @@ from PIL import Image
 from data import build_image_dataset
 from data.folder import ImageFolderDataset
 from data.images import BadImageError, decode_image
-from data.offline import OfflinePhotoDataset, export_offline_photos, split_regions
+from data.offline import OfflinePhotoDataset, export_offline_photos, split_tiles
 from data.sources import resolve_source
 from data.transforms import TrainTransform, center_crop_arr, random_crop_arr, to_rgb, to_tensor_pm1
 
@@ -261,23 +261,60 @@ def test_offline_train_and_val_regions_are_disjoint(monkeypatch):
         val_boxes = val.crop_boxes[c * 24 : (c + 1) * 24]
         assert not any(_overlap(t, v) for t in train_boxes for v in val_boxes)
 
-    # Pixel-level: replace each photo's val band by noise; train crops must not change at all.
+    # Pixel-level: replace each photo's val tiles by noise; train crops must not change at all.
     import data.offline as offline
 
     original = offline.load_photo
 
-    def photo_with_noisy_val_band(name):
+    def photo_with_noisy_val_tiles(name):
         photo = original(name)
         array = np.array(photo)
-        region = split_regions(*photo.size, 0.3)["val"]
         noise = np.random.default_rng(0).integers(0, 256, array.shape, dtype=np.uint8)
-        array[region[1] : region[3], region[0] : region[2]] = noise[region[1] : region[3], region[0] : region[2]]
+        for left, top, right, bottom in split_tiles(*photo.size)["val"]:
+            array[top:bottom, left:right] = noise[top:bottom, left:right]
         return Image.fromarray(array)
 
-    monkeypatch.setattr(offline, "load_photo", photo_with_noisy_val_band)
+    monkeypatch.setattr(offline, "load_photo", photo_with_noisy_val_tiles)
     altered = OfflinePhotoDataset("train", resolution=32, crops_per_class=24, seed=0)
     for i in range(0, len(train), 7):
         np.testing.assert_array_equal(train.crop_array(i), altered.crop_array(i))
+
+
+def test_split_tiles_cover_the_photo_and_spread_val_over_it():
+    for width, height in ((512, 512), (451, 300), (300, 640)):
+        tiles = split_tiles(width, height)
+        boxes = tiles["train"] + tiles["val"]
+        assert sum((r - l) * (b - t) for l, t, r, b in boxes) == width * height  # a partition: covers, no overlap
+        assert not any(_overlap(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+        assert 0.25 <= len(tiles["val"]) / len(boxes) <= 0.45
+        # Val reaches every row and every column of the grid, not one side of the photo.
+        assert {t for _, t, _, _ in tiles["val"]} == {t for _, t, _, _ in boxes}
+        assert {l for l, _, _, _ in tiles["val"]} == {l for l, _, _, _ in boxes}
+    with pytest.raises(ValueError, match="tiles_per_short_side"):
+        split_tiles(100, 100, 1)
+
+
+def test_offline_crops_fill_every_tile_evenly():
+    val = OfflinePhotoDataset("val", resolution=32, crops_per_class=24, seed=0)
+    photo_sizes = {}
+    for c, name in enumerate(val.class_names):
+        tiles = val.crop_tile_index[c * 24 : (c + 1) * 24]
+        counts = np.bincount(tiles)
+        assert counts.max() - counts.min() <= 1 and len(counts) == max(tiles) + 1
+        photo_sizes[name] = len(counts)
+        # Each crop lies inside the tile it is listed under.
+        photo = offline_photo_size(name)
+        val_tiles = split_tiles(*photo)["val"]
+        for box, tile in zip(val.crop_boxes[c * 24 : (c + 1) * 24], tiles):
+            l, t, r, b = val_tiles[tile]
+            assert l <= box[0] and t <= box[1] and box[2] <= r and box[3] <= b
+    assert len(photo_sizes) == val.num_classes
+
+
+def offline_photo_size(name):
+    from data.offline import load_photo
+
+    return load_photo(name).size
 
 
 def test_export_offline_round_trips_through_folder_code(tmp_path):

@@ -34,3 +34,21 @@ def test_tiny_demo_produces_every_artifact(tmp_path, capsys):
     again = run_demo(out, "tiny")  # finished stages are reused, results unchanged
     assert "reused" in capsys.readouterr().out
     assert again["generation"] == metrics["generation"]
+
+
+def test_real_halves_share_no_pixels_and_cover_every_class():
+    from data.offline import OfflinePhotoDataset
+    from pipelines.demo import real_halves
+
+    val = OfflinePhotoDataset("val", resolution=32, crops_per_class=24, seed=0)
+    half_a, half_b = real_halves(val, 1000)
+    assert len(half_a) == len(half_b) >= 8 * 10 and not set(half_a) & set(half_b)
+    for a in half_a:
+        for b in half_b:
+            if val.targets[a] == val.targets[b]:
+                box_a, box_b = val.crop_boxes[a], val.crop_boxes[b]
+                assert not (box_a[0] < box_b[2] and box_b[0] < box_a[2] and box_a[1] < box_b[3] and box_b[1] < box_a[3])
+    small_a, small_b = real_halves(val, 16)  # a limit below the half size still spans every class
+    assert len(small_a) == 16 and {val.targets[i] for i in small_a} == set(range(8))
+    with pytest.raises(ValueError, match="at least 2"):
+        real_halves(val, 1)
