@@ -4,13 +4,13 @@ It is the embedded default for the demo and the tests: nothing is downloaded (on
 scikit-image install are used; those that need a pooch download are not in the registry), and it is
 deterministic given `seed`.
 
-Each photo is cut into a grid of about square tiles (`tiles_per_short_side` across its short side); a third of
-them, spread so every row and column of the grid has some, hold the val crops and the rest the train crops.
-Crops never cross a tile boundary: a tile is cut out *before* resampling, so even the bicubic filter's support
-cannot read another tile's pixels, and val measures generalisation to unseen pixels. Spreading val over the
-photo keeps the two splits one distribution, as ImageNet's are: with val one far band of each photo, real train
-crops alone scored FD-EffNetL0 95 against val while two halves of val scored 34, so a generator could not get
-near the floor however well it learned. Crops come at several scales: a window of side `scale × tile` (the
+Each photo is cut into a grid of about square tiles (`tiles_per_short_side` across its short side); about a
+third of them, spread so every row and column of the grid has some, hold the val crops and the rest the train
+crops. Crops never cross a tile boundary: a tile is cut out *before* resampling, so even the bicubic filter's
+support cannot read another tile's pixels, and val measures generalisation to unseen pixels. Spreading val over
+the photo keeps the two splits one distribution, as ImageNet's are: with val one far band of each photo, real
+train crops alone scored FD-EffNetL0 95 against val while two halves of val scored 34, so a generator could not
+get near the floor however well it learned. Crops come at several scales: a window of side `scale × tile` (the
 photo's smallest tile side, the same in both splits) is resized to `resolution`. Windows smaller than the
 resolution are upsampled, so resolutions above ~128 get softer crops.
 """

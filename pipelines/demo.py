@@ -6,8 +6,8 @@ Stages (each resumable; a finished stage leaves `stages/<name>.json` and is reus
 
 Generation is judged against two references computed the same way, on the same number of images:
 the floor, FD between two pixel-disjoint halves of the real validation crops (even and odd tiles of each photo,
-data.offline), and the ceiling, FD of the untrained
-pipeline (fresh DiT + fresh tokenizer). All distances are FD-EffNetL0, never FID.
+see data.offline), and the ceiling, FD of the untrained pipeline (fresh DiT + fresh tokenizer). All distances
+are FD-EffNetL0, never FID.
 """
 from __future__ import annotations
 
@@ -225,8 +225,8 @@ def run_demo(out_dir: str | Path = "runs/demo", profile_name: str = "default", f
         adversarial_weight=profile.adversarial_weight,
         warmup_steps=profile.tokenizer_warmup, max_steps=profile.tokenizer_max_steps,
         max_minutes=profile.tokenizer_minutes, ema_decay=profile.tokenizer_ema, perceptual="effnet-l0",
-        disc_start=profile.disc_start, channels_last=profile.tokenizer_channels_last, checkpoint_every=200, log_every=10, image_every=10**9,
-        seed=profile.seed, resume="auto")
+        disc_start=profile.disc_start, channels_last=profile.tokenizer_channels_last, checkpoint_every=200,
+        log_every=10, image_every=10**9, seed=profile.seed, resume="auto")
 
     def tokenizer_stage() -> dict[str, Any]:
         model_dir = train_tokenizer(tokenizer_config)
