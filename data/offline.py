@@ -133,9 +133,8 @@ class OfflinePhotoDataset(Dataset):
         self.class_names = names
         self.skipped: list = []  # nothing is ever skipped here; kept for the common dataset interface
 
-        # Each crop's tile of its photo, cut out before any resampling, and the crop's box inside that tile.
-        self._tiles: list[Image.Image] = []
-        self._crop_tiles: list[int] = []  # index into _tiles, per crop
+        # Per class: its photo's tiles of this split, each cut out before any resampling.
+        self._tiles: list[list[Image.Image]] = []
         self.crop_tile_index: list[int] = []  # per crop: which of its photo's tiles of this split it lies in
         self.crop_boxes: list[tuple[int, int, int, int]] = []  # photo coordinates
         self._tile_boxes: list[tuple[int, int, int, int]] = []  # tile coordinates
@@ -143,12 +142,11 @@ class OfflinePhotoDataset(Dataset):
             photo = load_photo(name)
             all_tiles = split_tiles(*photo.size, tiles_per_short_side)
             tile_side = min(min(r - l, b - t) for boxes in all_tiles.values() for l, t, r, b in boxes)
-            first_tile = len(self._tiles)
-            for box in all_tiles[split]:
-                tile = photo.crop(box)
-                tile.load()
-                self._tiles.append(tile)
             boxes = all_tiles[split]
+            tiles = [photo.crop(box) for box in boxes]
+            for tile in tiles:
+                tile.load()
+            self._tiles.append(tiles)
             rng = np.random.default_rng([seed, SPLITS[split], class_index])
             for k in range(self.crops_per_class):
                 # Round-robin over tiles, scales shifted by one each pass: every tile gets an equal share (±1) and,
@@ -156,10 +154,9 @@ class OfflinePhotoDataset(Dataset):
                 which, visit = k % len(boxes), k // len(boxes)
                 side = max(1, round(scales[(which + visit) % len(scales)] * tile_side))
                 tile_box = boxes[which]
-                self.crop_tile_index.append(which)
                 left = int(rng.integers(0, tile_box[2] - tile_box[0] - side + 1))
                 top = int(rng.integers(0, tile_box[3] - tile_box[1] - side + 1))
-                self._crop_tiles.append(first_tile + which)
+                self.crop_tile_index.append(which)
                 self._tile_boxes.append((left, top, left + side, top + side))
                 self.crop_boxes.append(
                     (tile_box[0] + left, tile_box[1] + top, tile_box[0] + left + side, tile_box[1] + top + side)
@@ -178,7 +175,8 @@ class OfflinePhotoDataset(Dataset):
 
     def crop_array(self, index: int) -> np.ndarray:
         """Sample `index` as an unflipped (R, R, 3) uint8 array."""
-        crop = self._tiles[self._crop_tiles[index]].resize(
+        tile = self._tiles[index // self.crops_per_class][self.crop_tile_index[index]]
+        crop = tile.resize(
             (self.resolution, self.resolution), resample=Image.BICUBIC, box=self._tile_boxes[index]
         )
         return np.asarray(crop)

@@ -7,6 +7,11 @@ from pathlib import Path
 import torch
 
 
+def boxes_overlap(a, b) -> bool:
+    """Whether two (left, top, right, bottom) boxes share any pixel."""
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
 def reset_accelerate() -> None:
     """accelerate keeps process-wide state; reset it so the next run builds its accelerator from scratch."""
     from accelerate.state import AcceleratorState

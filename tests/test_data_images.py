@@ -12,9 +12,10 @@ from PIL import Image
 from data import build_image_dataset
 from data.folder import ImageFolderDataset
 from data.images import BadImageError, decode_image
-from data.offline import OfflinePhotoDataset, export_offline_photos, split_tiles
+from data.offline import OfflinePhotoDataset, export_offline_photos, load_photo, split_tiles
 from data.sources import resolve_source
 from data.transforms import TrainTransform, center_crop_arr, random_crop_arr, to_rgb, to_tensor_pm1
+from support import boxes_overlap
 
 
 def _noise_image(width: int, height: int, seed: int = 0, mode: str = "RGB") -> Image.Image:
@@ -229,10 +230,6 @@ def test_folder_missing_split_is_a_clear_error(tmp_path):
 # --- offline photo dataset ----------------------------------------------------------------------------------
 
 
-def _overlap(a, b) -> bool:
-    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
-
-
 def test_offline_is_deterministic_and_fast():
     start = time.perf_counter()
     a = OfflinePhotoDataset("train", resolution=64, crops_per_class=16, seed=0)
@@ -259,7 +256,7 @@ def test_offline_train_and_val_regions_are_disjoint(monkeypatch):
     for c in range(train.num_classes):
         train_boxes = train.crop_boxes[c * 24 : (c + 1) * 24]
         val_boxes = val.crop_boxes[c * 24 : (c + 1) * 24]
-        assert not any(_overlap(t, v) for t in train_boxes for v in val_boxes)
+        assert not any(boxes_overlap(t, v) for t in train_boxes for v in val_boxes)
 
     # Pixel-level: replace each photo's val tiles by noise; train crops must not change at all.
     import data.offline as offline
@@ -285,7 +282,7 @@ def test_split_tiles_cover_the_photo_and_spread_val_over_it():
         tiles = split_tiles(width, height)
         boxes = tiles["train"] + tiles["val"]
         assert sum((r - l) * (b - t) for l, t, r, b in boxes) == width * height  # a partition: covers, no overlap
-        assert not any(_overlap(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+        assert not any(boxes_overlap(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
         assert 0.25 <= len(tiles["val"]) / len(boxes) <= 0.45
         # Val reaches every row and every column of the grid, not one side of the photo.
         assert {t for _, t, _, _ in tiles["val"]} == {t for _, t, _, _ in boxes}
@@ -303,18 +300,11 @@ def test_offline_crops_fill_every_tile_evenly():
         assert counts.max() - counts.min() <= 1 and len(counts) == max(tiles) + 1
         photo_sizes[name] = len(counts)
         # Each crop lies inside the tile it is listed under.
-        photo = offline_photo_size(name)
-        val_tiles = split_tiles(*photo)["val"]
+        val_tiles = split_tiles(*load_photo(name).size)["val"]
         for box, tile in zip(val.crop_boxes[c * 24 : (c + 1) * 24], tiles):
             l, t, r, b = val_tiles[tile]
             assert l <= box[0] and t <= box[1] and box[2] <= r and box[3] <= b
     assert len(photo_sizes) == val.num_classes
-
-
-def offline_photo_size(name):
-    from data.offline import load_photo
-
-    return load_photo(name).size
 
 
 def test_export_offline_round_trips_through_folder_code(tmp_path):
