@@ -327,7 +327,8 @@ def evaluate_demo(out: Path, profile: DemoProfile, tokenizer_dir: str, load_pipe
     n = len(half_a)
     real_a = np.stack([val.crop_array(i) for i in half_a])  # (n, H, W, 3) uint8
     real_b = np.stack([val.crop_array(i) for i in half_b])
-    labels = torch.tensor([val.targets[i] for i in half_a])  # generate half A's class mix
+    targets = val.targets  # a property that builds the whole list
+    labels = torch.tensor([targets[i] for i in half_a])  # generate half A's class mix
     generated = generate_images(pipeline, labels, list(range(100_000, 100_000 + n)), profile)
     # The untrained pipeline: same architectures, fresh weights.
     torch.manual_seed(profile.seed)
