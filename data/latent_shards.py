@@ -32,7 +32,7 @@ import logging
 import os
 import random
 import tarfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -43,7 +43,6 @@ from safetensors.torch import save as save_safetensors
 
 from data.images import Skipped
 from data.sharding import ShardSource, SkipCounter, keep_my_samples, worker_slot
-from pipelines.faults import fault_point
 
 logger = logging.getLogger(__name__)
 
@@ -163,15 +162,21 @@ class LatentShardWriter:
     Usage: `with LatentShardWriter(out, rank_prefix(rank), 1000) as w:` then for each input not in
     `w.done_keys`, `w.write(key, cls, mean, logvar, mean_flip, logvar_flip)`; `w.add_skipped(path, reason)`
     for inputs that could not be encoded.
+
+    `on_event(name)` is called at the two moments a crash would leave a half-written state behind
+    ("shard_write": a sample appended to the open `.tmp` shard; "shard_finish": the shard renamed into place,
+    its sidecar not yet written); the fault-injection tests hook in there.
     """
 
-    def __init__(self, out_dir: str, prefix: str, samples_per_shard: int):
+    def __init__(self, out_dir: str, prefix: str, samples_per_shard: int,
+                 on_event: Callable[[str], None] | None = None):
         if samples_per_shard < 1:
             raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
         if not prefix or "/" in prefix or "-" in prefix:
             raise ValueError(f"prefix must be a plain name without '/' or '-', got {prefix!r}")
         os.makedirs(out_dir, exist_ok=True)
         self.out_dir, self.prefix, self.samples_per_shard = out_dir, prefix, samples_per_shard
+        self._on_event = on_event or (lambda name: None)
         for leftover in glob.glob(os.path.join(out_dir, f"{prefix}-*.tmp")):
             logger.warning("discarding partial shard %s from an interrupted run", leftover)
             os.remove(leftover)
@@ -226,7 +231,7 @@ class LatentShardWriter:
             if self._tar is None:
                 self._tar = wds.TarWriter(partial_shard, mtime=0.0)
             self._tar.write({"__key__": key, LATENT_FIELD: blob, "cls": str(int(cls)).encode("ascii")})
-        fault_point("shard_write")
+        self._on_event("shard_write")
         self._keys.append(key)
         self.done_keys.add(key)
         self._stats.update(mean, logvar)
@@ -248,7 +253,7 @@ class LatentShardWriter:
                 with open(final + ".tmp", "rb") as handle:
                     os.fsync(handle.fileno())
             os.replace(final + ".tmp", final)
-            fault_point("shard_finish")
+            self._on_event("shard_finish")
             sha = file_sha256(final)
         elif not self._skipped:
             return

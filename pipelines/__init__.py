@@ -1,11 +1,13 @@
-"""The logic of each job (train tokenizer, cache latents, train generator, sample, evaluate) and the shared
-training kit:
+"""One module per job, each reading top to bottom, over a shared kit:
 
-- `pipelines.training`: accelerator set-up, seeding, optimiser factory, warmup, clipping, non-finite guard,
-  per-time-bucket losses.
-- `pipelines.ema`: fp32 EMA of weights.
-- `pipelines.checkpoints`: atomic, checksummed resume checkpoints (`CheckpointManager`).
-- `pipelines.logging`: tqdm + JSONL + accelerate trackers (`MetricsLogger`).
+- jobs: `train_tokenizer` (stage 1), `cache_latents`, `train_generator` (stage 2), `sample`, `evaluate`.
+  A job imports the kit and the model/data layers (`tokenizer`, `generator`, `data`), never another job.
+- `pipelines.kit`: what more than one job needs: run set-up (`run`), optimiser (`optim`), the training loop
+  skeleton and step helpers (`loop`), `ema`, `checkpoints`, `logging`, `precision`, image metrics (`metrics`),
+  generation (`generation`), FID (`fid`) and the crash-injection hook (`faults`).
+- `pipelines.experiments`: the paper's controlled studies, the throughput benchmark and the offline demo; they
+  run jobs, nothing imports them.
 
-Nothing is imported here so that `import pipelines.<job>` (and each script's `--help`) stays fast.
+Argument parsing lives in `scripts/`. Nothing is imported here so that `import pipelines.<job>` (and each
+script's `--help`) stays fast.
 """

@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from data.folder import ImageFolderDataset
 from data.images import BadImageError, decode_image
+from pipelines.kit.faults import fault_point
 from data.latent_shards import (
     LatentShardWriter,
     VerifyReport,
@@ -236,7 +237,7 @@ def cache_latents(config: CacheLatentsConfig) -> CacheResult:
     from tqdm.auto import tqdm
 
     from data.sources import build_image_dataset, resolve_source
-    from pipelines.training import AcceleratorConfig, make_accelerator
+    from pipelines.kit.run import AcceleratorConfig, make_accelerator
     from tokenizer import load_tokenizer
 
     out_dir = Path(config.output_dir)
@@ -294,7 +295,8 @@ def cache_latents(config: CacheLatentsConfig) -> CacheResult:
     started = time.monotonic()
     bar = tqdm(total=total_todo, desc=f"cache latents (rank {rank})", unit="img", disable=not accelerator.is_main_process,
                dynamic_ncols=True)
-    with LatentShardWriter(str(out_dir), rank_prefix(rank), config.samples_per_shard) as writer:
+    with LatentShardWriter(str(out_dir), rank_prefix(rank), config.samples_per_shard,
+                           on_event=fault_point) as writer:
         if accelerator.is_main_process:
             for skipped in index_skips:
                 if skipped.path not in known_skipped:

@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from pipelines.metrics import FeatureStats, build_feature_extractor, frechet_distance, psnr, ssim, to_uint8
+from pipelines.kit.metrics import FeatureStats, build_feature_extractor, frechet_distance, psnr, ssim, to_uint8
 from tokenizer import EpsVAE, load_tokenizer
 
 

@@ -28,21 +28,13 @@ import torch
 
 from generator.diffusion import DiffusionSchedule, epsilon_loss, linear_beta_schedule
 from generator.dit import DiT, DiTConfig, DiT_models
-from pipelines.checkpoints import CheckpointManager
-from pipelines.ema import EMA, unwrap_model
-from pipelines.faults import fault_point
-from pipelines.logging import MetricsLogger
-from pipelines.training import (
-    AcceleratorConfig,
-    NonFiniteGuard,
-    OptimizerConfig,
-    build_optimizer,
-    clip_gradients,
-    make_accelerator,
-    mean_over_ranks,
-    quartile_losses,
-    warmup_scheduler,
-)
+from pipelines.kit.checkpoints import CheckpointManager
+from pipelines.kit.ema import EMA, unwrap_model
+from pipelines.kit.faults import fault_point
+from pipelines.kit.logging import MetricsLogger
+from pipelines.kit.loop import NonFiniteGuard, clip_gradients, mean_over_ranks, quartile_losses
+from pipelines.kit.optim import OptimizerConfig, build_optimizer, warmup_scheduler
+from pipelines.kit.run import AcceleratorConfig, make_accelerator
 
 logger = logging.getLogger(__name__)
 
@@ -212,7 +204,7 @@ def write_sample_grid(dit: DiT, ema: EMA, tokenizer, config: GeneratorTrainConfi
     """EMA-weight samples of classes 0, 1, 2, ... (seeded, so grids of successive steps are comparable)."""
     from torchvision.utils import save_image
 
-    from pipelines.generate import generate_latents
+    from pipelines.kit.generation import generate_latents
     from tokenizer import EpsVAE
 
     device = next(dit.parameters()).device

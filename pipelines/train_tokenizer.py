@@ -25,21 +25,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from pipelines.checkpoints import CheckpointManager
-from pipelines.ema import EMA, unwrap_model
-from pipelines.faults import fault_point
-from pipelines.logging import MetricsLogger
-from pipelines.training import (
-    AcceleratorConfig,
-    NonFiniteGuard,
-    OptimizerConfig,
-    build_optimizer,
-    clip_gradients,
-    make_accelerator,
-    mean_over_ranks,
-    quartile_losses,
-    warmup_scheduler,
-)
+from pipelines.kit.checkpoints import CheckpointManager
+from pipelines.kit.ema import EMA, unwrap_model
+from pipelines.kit.faults import fault_point
+from pipelines.kit.logging import MetricsLogger
+from pipelines.kit.loop import NonFiniteGuard, clip_gradients, mean_over_ranks, quartile_losses
+from pipelines.kit.optim import OptimizerConfig, build_optimizer, warmup_scheduler
+from pipelines.kit.run import AcceleratorConfig, make_accelerator
 from tokenizer import EpsVAE, VAE, flow, losses
 from tokenizer.discriminator import DISCRIMINATOR_PRESETS, TrajectoryDiscriminator
 

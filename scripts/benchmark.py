@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import sys
 
-from pipelines.cli import ArgumentParser, positive_int, run_main
+from _cli import ArgumentParser, positive_int, run_main
 
 
 def build_parser() -> ArgumentParser:
     from generator.dit import DiT_models
-    from pipelines.benchmark_throughput import COMPRESSIONS, PRECISION_DTYPES, TOKENIZER_KINDS, ThroughputConfig
-    from pipelines.tokenizer_studies import add_tokenizer_study_arguments
+    from pipelines.experiments.throughput import COMPRESSIONS, PRECISION_DTYPES, TOKENIZER_KINDS, ThroughputConfig
+    from pipelines.experiments.tokenizer_studies import PROFILES, STUDIES
 
     defaults = ThroughputConfig()
     parser = ArgumentParser(description=__doc__.splitlines()[0])
@@ -46,18 +46,27 @@ def build_parser() -> ArgumentParser:
     throughput.add_argument("--quick", action="store_true", help="tiny models (for tests)")
     throughput.add_argument("--out", default=defaults.out, help="directory for throughput.json / .md")
     studies = commands.add_parser("tokenizer", help="controlled tokenizer studies (Tables 4, 7; Fig. 2-3)")
-    add_tokenizer_study_arguments(studies)
+    studies.add_argument("--study", required=True, choices=[*STUDIES, "all"], help="which study ('all': each in turn)")
+    studies.add_argument("--profile", default="quick", choices=list(PROFILES),
+                         help="micro: seconds (tests); quick: ~20 min per study on 2 CPU cores; full: paper sizes, GPUs")
+    studies.add_argument("--out", default="runs/bench", help="each study writes <out>/<study>/")
+    studies.add_argument("--data", default="offline", help="offline | ImageNet-style folder | webdataset shards")
+    studies.add_argument("--perceptual-weights", default=None,
+                         help="weights file of the training perceptual loss (lpips-vgg in the full profile)")
+    studies.add_argument("--threads", type=int, default=None,
+                         help="CPU threads for torch (1 is faster than 2 on a CPU other jobs are using)")
     return parser
 
 
 def main(argv=None) -> None:
-    from pipelines.benchmark_throughput import ThroughputConfig, benchmark_throughput, markdown
+    from pipelines.experiments.throughput import ThroughputConfig, benchmark_throughput, markdown
 
     namespace = build_parser().parse_args(argv)
     if namespace.command == "tokenizer":
-        from pipelines.tokenizer_studies import run_tokenizer_study
+        from pipelines.experiments.tokenizer_studies import run_studies
 
-        run_tokenizer_study(namespace)
+        run_studies(namespace.study, namespace.profile, namespace.out, data=namespace.data,
+                    perceptual_weights=namespace.perceptual_weights, threads=namespace.threads)
         return
     args = vars(namespace)
     if args.pop("command") == "throughput":

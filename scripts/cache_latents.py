@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sys
 
-from pipelines.cli import ArgumentParser, add_config_arguments, config_from_arguments, run_main
+from _cli import ArgumentParser, add_config_arguments, config_from_arguments, run_main
 
 
 def build_parser() -> ArgumentParser:

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import sys
 
-from pipelines.cli import ArgumentParser, run_main
+from _cli import ArgumentParser, run_main
 
 
 def main(argv=None) -> None:
-    from pipelines.demo import PROFILES, run_demo
+    from pipelines.experiments.demo import PROFILES, run_demo
 
     parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")

@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import sys
 
-from pipelines.cli import ArgumentParser, add_config_arguments, config_from_arguments, run_main
+from _cli import ArgumentParser, add_config_arguments, config_from_arguments, run_main
 
 
 def build_parser() -> ArgumentParser:
     from pipelines.evaluate import ReconstructionEvalConfig
-    from pipelines.metrics import FEATURE_EXTRACTORS
+    from pipelines.kit.metrics import FEATURE_EXTRACTORS
     from tokenizer.perceptual import PERCEPTUAL_NETWORKS
 
     parser = ArgumentParser(description=__doc__.splitlines()[0])
@@ -38,8 +38,8 @@ def build_parser() -> ArgumentParser:
         "features": sorted(FEATURE_EXTRACTORS), "perceptual": sorted(PERCEPTUAL_NETWORKS),
         "precision": ["no", "bf16", "fp16"]})
 
-    from pipelines.fid import FIDConfig
-    from pipelines.sampling import PRECISIONS, SampleConfig
+    from pipelines.kit.fid import FIDConfig
+    from pipelines.sample import PRECISIONS, SampleConfig
 
     inception_help = "path to weights-inception-2015-12-05-6726825d.pth (or put it in the torch hub cache)"
     fid = commands.add_parser("fid", help="FID / IS / precision-recall of samples against a reference")
@@ -73,7 +73,7 @@ def main(argv=None) -> None:
         if config.output:
             print(f"wrote {config.output} and {config.output.rsplit('.', 1)[0]}.md")
     elif args.command == "fid":
-        from pipelines.fid import FIDConfig, evaluate_fid
+        from pipelines.kit.fid import FIDConfig, evaluate_fid
 
         missing = [flag for flag in ("samples", "reference") if flag not in vars(args)]
         if missing:
@@ -83,8 +83,8 @@ def main(argv=None) -> None:
         if config.output:
             print(f"wrote {config.output} and {config.output.rsplit('.', 1)[0]}.md")
     elif args.command == "pipeline":
-        from pipelines.fid import FIDConfig, evaluate_pipeline
-        from pipelines.sampling import SampleConfig
+        from pipelines.kit.fid import FIDConfig, evaluate_pipeline
+        from pipelines.sample import SampleConfig
 
         missing = [flag for flag in ("generator", "tokenizer", "reference") if flag not in vars(args)]
         if missing:

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import sys
 
-from pipelines.cli import ArgumentParser, add_config_arguments, config_from_arguments, run_main
+from _cli import ArgumentParser, add_config_arguments, config_from_arguments, run_main
 
 
 def build_parser() -> ArgumentParser:
-    from pipelines.sampling import PRECISIONS, SampleConfig
+    from pipelines.sample import PRECISIONS, SampleConfig
 
     parser = ArgumentParser(description=__doc__.splitlines()[0])
     add_config_arguments(parser, SampleConfig, choices={"precision": list(PRECISIONS),
@@ -29,7 +29,7 @@ def build_parser() -> ArgumentParser:
 
 
 def main(argv=None) -> None:
-    from pipelines.sampling import SampleConfig, images_per_second, read_provenance, run_sampling
+    from pipelines.sample import SampleConfig, images_per_second, read_provenance, run_sampling
 
     args = build_parser().parse_args(argv)
     if args.class_names:

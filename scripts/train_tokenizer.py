@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 
-from pipelines.cli import (ArgumentParser, add_config_arguments, add_override_arguments, collect_overrides,
+from _cli import (ArgumentParser, add_config_arguments, add_override_arguments, collect_overrides,
                            config_from_arguments, run_main)
 
 MODEL_OVERRIDE_FLAGS = {

@@ -1,5 +1,9 @@
 """Shared pytest set-up: no network, deterministic CPU runs."""
 import os
+import sys
+
+# The scripts' shared CLI helpers (`_cli`) live beside the scripts, as they do when a script runs.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
 
 # Any accidental hub access fails fast instead of hanging on the closed network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipelines.benchmark_throughput import ThroughputConfig, build_tokenizers, count_flops, speedups
-from pipelines.cli import run_main
+from pipelines.experiments.throughput import ThroughputConfig, build_tokenizers, count_flops, speedups
+from _cli import run_main
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
 

@@ -4,7 +4,7 @@ import json
 import pytest
 from PIL import Image
 
-from pipelines.demo import run_demo
+from pipelines.experiments.demo import run_demo
 from support import boxes_overlap
 
 
@@ -39,7 +39,7 @@ def test_tiny_demo_produces_every_artifact(tmp_path, capsys):
 
 def test_real_halves_share_no_pixels_and_cover_every_class():
     from data.offline import OfflinePhotoDataset
-    from pipelines.demo import real_halves
+    from pipelines.experiments.demo import real_halves
 
     val = OfflinePhotoDataset("val", resolution=32, crops_per_class=24, seed=0)
     half_a, half_b = real_halves(val, 1000)

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipelines.logging import read_jsonl
+from pipelines.kit.logging import read_jsonl
 from support import cache_tiny_latents
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

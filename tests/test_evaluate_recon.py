@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipelines.cli import run_main
+from _cli import run_main
 from pipelines.evaluate import ReconstructionEvalConfig, evaluate_reconstruction
 from tokenizer import EpsVAE, VAE
 

@@ -1,7 +1,7 @@
 """Training under faults: `kill -9` at several moments, damaged checkpoints, a full disk, non-finite losses.
 
 Kills run the real scripts in subprocesses and crash them with SIGKILL, either from inside at a deterministic
-critical point (`EPSVAE_FAULT`, see `pipelines.faults`) or from outside at a random moment. Restarts run the same
+critical point (`EPSVAE_FAULT`, see `pipelines.kit.faults`) or from outside at a random moment. Restarts run the same
 command with `--resume auto` through the script's own `main` in this process (same code path as the CLI, without
 paying the start-up again). The reference is always an uninterrupted run of the same command, compared
 bit for bit (CPU, one thread everywhere, map-style data: stage 1 replays exactly).
@@ -25,9 +25,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipelines.checkpoints import CheckpointManager, verify_checkpoint
-from pipelines.cli import run_main
-from pipelines.logging import read_jsonl
+from pipelines.kit.checkpoints import CheckpointManager, verify_checkpoint
+from _cli import run_main
+from pipelines.kit.logging import read_jsonl
 from support import cache_tiny_latents, one_torch_thread, reset_accelerate
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -222,7 +222,7 @@ def test_damaged_newest_checkpoint_is_reported_and_the_previous_one_is_used(refe
     damage(damaged / part)
     assert any(part in problem for problem in verify_checkpoint(damaged))
 
-    with caplog.at_level(logging.WARNING, logger="pipelines.checkpoints"):
+    with caplog.at_level(logging.WARNING, logger="pipelines.kit.checkpoints"):
         assert cli("train_tokenizer", tokenizer_argv(run)) == 0
     warnings = [r.getMessage() for r in caplog.records if "damaged checkpoint" in r.getMessage()]
     assert warnings and str(damaged) in warnings[0] and part in warnings[0]
@@ -419,7 +419,7 @@ def test_generator_skips_and_counts_nan_steps_then_stops_after_too_many(latent_d
 
 
 def test_fault_spec_is_parsed_strictly_and_does_nothing_when_unset(monkeypatch):
-    from pipelines.faults import FAULT_ENV, fault_point, parse_fault_spec
+    from pipelines.kit.faults import FAULT_ENV, fault_point, parse_fault_spec
 
     assert parse_fault_spec("checkpoint_write:2, train_step:3@1/stop") == {
         "checkpoint_write": (2, None, "kill"), "train_step": (3, 1, "stop")}

@@ -1,4 +1,4 @@
-"""`scripts/evaluate.py fid` / `pipeline` and `pipelines.fid` on small image sets with the offline EffNet features.
+"""`scripts/evaluate.py fid` / `pipeline` and `pipelines.kit.fid` on small image sets with the offline EffNet features.
 
 The Fréchet distance itself is checked against a float64 scipy reference in tests/test_metrics.py; here the
 command around it is tested: FD(x, x) = 0, FD rising with added noise, the ADM .npz layout, reference caching
@@ -13,10 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines.cli import run_main
-from pipelines.fid import FIDConfig, evaluate_fid, npz_images_shape, reference_cache_path
-from pipelines.metrics import build_feature_extractor, save_statistics
-from pipelines.sampling import write_adm_npz
+from _cli import run_main
+from pipelines.kit.fid import FIDConfig, evaluate_fid, npz_images_shape, reference_cache_path
+from pipelines.kit.metrics import build_feature_extractor, save_statistics
+from pipelines.sample import write_adm_npz
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "evaluate.py"
 N_IMAGES = 20
@@ -33,7 +33,7 @@ def load_script():
 def photos():
     """N_IMAGES distinct 32×32 offline photo crops, uint8 (N, 32, 32, 3)."""
     from data.sources import build_image_dataset
-    from pipelines.metrics import to_uint8
+    from pipelines.kit.metrics import to_uint8
 
     dataset = build_image_dataset("offline", split="val", resolution=32, train=False)
     step = len(dataset) // N_IMAGES

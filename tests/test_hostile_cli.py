@@ -326,7 +326,7 @@ def test_resume_never_unpickles_a_planted_checkpoint_part(paths, one_step_run, t
 
 def test_model_loaders_never_unpickle_planted_weights(paths, tmp_path):
     from generator.dit import DiT
-    from pipelines.sampling import GenerationPipeline
+    from pipelines.sample import GenerationPipeline
     from tokenizer import EpsVAE, load_tokenizer
 
     marker = tmp_path / MARKER_NAME
@@ -344,7 +344,7 @@ def test_model_loaders_never_unpickle_planted_weights(paths, tmp_path):
             with pytest.raises(ValueError, match="safetensors"):
                 load()
     assert not marker.exists()
-    from pipelines.metrics import load_statistics
+    from pipelines.kit.metrics import load_statistics
 
     with pytest.raises(ValueError):  # reference statistics with an object array: numpy refuses to unpickle
         load_statistics(paths["pickled_npz"])

@@ -4,7 +4,7 @@ import pytest
 import scipy.linalg
 import torch
 
-from pipelines.metrics import (
+from pipelines.kit.metrics import (
     FEATURE_EXTRACTORS,
     INCEPTION_FILE,
     EffNetFeatures,

@@ -1,4 +1,4 @@
-"""Class-conditional sampling: `pipelines.sampling` and `scripts/sample.py` end to end on tiny models (CPU)."""
+"""Class-conditional sampling: `pipelines.sample` and `scripts/sample.py` end to end on tiny models (CPU)."""
 import importlib.util
 import json
 import subprocess
@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 from generator import DiT, DiTConfig
-from pipelines.cli import run_main
-from pipelines.sampling import (GenerationPipeline, SampleConfig, check_compatible, make_generators, parse_seeds,
+from _cli import run_main
+from pipelines.sample import (GenerationPipeline, SampleConfig, check_compatible, make_generators, parse_seeds,
                                 plan_samples, png_is_complete, run_sampling, tile_starts, tiled_decode)
 from tokenizer import EpsVAE, VAE
 

@@ -25,9 +25,9 @@ from data.latent_shards import LatentShardDataset, file_sha256, load_manifest
 from data.sources import build_image_dataset
 from generator.dit import DiT
 from pipelines.cache_latents import CacheLatentsConfig, cache_latents, sample_key
-from pipelines.checkpoints import CheckpointManager
-from pipelines.generate import generate_latents
-from pipelines.logging import read_jsonl
+from pipelines.kit.checkpoints import CheckpointManager
+from pipelines.kit.generation import generate_latents
+from pipelines.kit.logging import read_jsonl
 from pipelines.train_generator import GeneratorTrainConfig, stream_seed, train_generator
 from support import reset_accelerate, save_tiny_tokenizer
 from tokenizer import EpsVAE, load_tokenizer

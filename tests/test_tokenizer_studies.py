@@ -1,6 +1,5 @@
 """Tokenizer benchmark studies: run construction (what varies and what is shared), the pure helpers against
 independent references, a micro-profile smoke run of every study, and reuse of finished runs."""
-import argparse
 import dataclasses
 import json
 import re
@@ -10,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines import tokenizer_studies as studies
-from pipelines.metrics import FeatureStats, frechet_distance
+from pipelines.experiments import tokenizer_studies as studies
+from pipelines.kit.metrics import FeatureStats, frechet_distance
 from tokenizer import VAE, EpsVAE, EpsVAEConfig, VAEConfig
 
 MICRO = studies.PROFILES["micro"]
@@ -263,15 +262,19 @@ def test_second_call_reuses_finished_runs(tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------------------------------------- CLI
 def test_arguments_and_dispatch(monkeypatch):
-    parser = studies.add_tokenizer_study_arguments(argparse.ArgumentParser())
-    args = parser.parse_args(["--study", "ladder", "--profile", "micro", "--out", "/tmp/x"])
+    import benchmark  # scripts/benchmark.py (conftest puts scripts/ on sys.path)
+
+    parser = benchmark.build_parser()
+    args = parser.parse_args(["tokenizer", "--study", "ladder", "--profile", "micro", "--out", "/tmp/x"])
     assert (args.study, args.profile, args.out, args.data) == ("ladder", "micro", "/tmp/x", "offline")
     with pytest.raises(SystemExit):
-        parser.parse_args(["--study", "nope"])
+        parser.parse_args(["tokenizer", "--study", "nope"])
     calls = []
     monkeypatch.setattr(studies, "run_study", lambda name, profile, out, **kw: calls.append((name, profile)) or name)
-    result = studies.run_tokenizer_study(parser.parse_args(["--study", "all", "--profile", "micro"]))
-    assert [name for name, _ in calls] == list(studies.STUDIES) and list(result) == list(studies.STUDIES)
+    benchmark.main(["tokenizer", "--study", "all", "--profile", "micro"])
+    assert [name for name, _ in calls] == list(studies.STUDIES)
+    result = studies.run_studies("all", "micro")
+    assert list(result) == list(studies.STUDIES)
 
 
 def test_unknown_study_or_profile_is_one_clear_error(tmp_path):

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from pipelines.checkpoints import (
+from pipelines.kit.checkpoints import (
     LATEST_FILE,
     META_FILE,
     TMP_PREFIX,
@@ -30,22 +30,11 @@ from pipelines.checkpoints import (
     CheckpointManager,
     read_meta,
 )
-from pipelines.ema import EMA
-from pipelines.logging import MetricsLogger, read_jsonl
-from pipelines.training import (
-    AcceleratorConfig,
-    NonFiniteGuard,
-    NonFiniteLossError,
-    OptimizerConfig,
-    build_optimizer,
-    clip_gradients,
-    make_accelerator,
-    mean_over_ranks,
-    param_groups,
-    quartile_losses,
-    warmup_factor,
-    warmup_scheduler,
-)
+from pipelines.kit.ema import EMA
+from pipelines.kit.logging import MetricsLogger, read_jsonl
+from pipelines.kit.loop import NonFiniteGuard, NonFiniteLossError, clip_gradients, mean_over_ranks, quartile_losses
+from pipelines.kit.optim import OptimizerConfig, build_optimizer, param_groups, warmup_factor, warmup_scheduler
+from pipelines.kit.run import AcceleratorConfig, make_accelerator
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -323,7 +312,7 @@ def test_damaged_checkpoint_is_reported_and_previous_used(tmp_path, caplog, dama
     else:
         target.unlink()
 
-    with caplog.at_level(logging.WARNING, logger="pipelines.checkpoints"):
+    with caplog.at_level(logging.WARNING, logger="pipelines.kit.checkpoints"):
         chosen = CheckpointManager(tmp_path).resolve("auto")
     assert chosen == good
     assert str(target) in caplog.text
@@ -574,10 +563,12 @@ _TWO_RANK_SCRIPT = textwrap.dedent(
     from pathlib import Path
     import torch
     from torch import nn
-    from pipelines.checkpoints import CheckpointManager
-    from pipelines.ema import EMA
-    from pipelines.training import AcceleratorConfig, OptimizerConfig, build_optimizer, make_accelerator
-    from pipelines.training import quartile_losses, warmup_scheduler
+    from pipelines.kit.checkpoints import CheckpointManager
+    from pipelines.kit.ema import EMA
+    from pipelines.kit.optim import OptimizerConfig, build_optimizer
+    from pipelines.kit.run import AcceleratorConfig, make_accelerator
+    from pipelines.kit.loop import quartile_losses
+    from pipelines.kit.optim import warmup_scheduler
 
     phase, root = sys.argv[1], Path(sys.argv[2])
     accelerator = make_accelerator(AcceleratorConfig(cpu=True, seed=7, collective_timeout_s=60))

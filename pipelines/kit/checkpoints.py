@@ -43,8 +43,8 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from pipelines.ema import EMA, unwrap_model
-from pipelines.faults import fault_point
+from pipelines.kit.ema import EMA, unwrap_model
+from pipelines.kit.faults import fault_point
 
 if TYPE_CHECKING:
     from accelerate import Accelerator

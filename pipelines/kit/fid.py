@@ -1,7 +1,7 @@
 """FID (or FD-EffNetL0), Inception Score and precision/recall of generated samples against a reference set.
 
 The protocol of ADM's evaluator and EDM's `fid.py`: features of every sample → float64 (mu, sigma) → the
-Fréchet distance (`pipelines.metrics.frechet_distance`). Samples are a folder of PNGs (what `scripts/sample.py`
+Fréchet distance (`pipelines.kit.metrics.frechet_distance`). Samples are a folder of PNGs (what `scripts/sample.py`
 writes) or an ADM `.npz` (`arr_0` uint8 N×H×W×3). The reference is one of
 
 - statistics: an `.npz` with `mu`/`sigma` (ours, or ADM's `VIRTUAL_imagenet256_labeled.npz`): FD and IS only,
@@ -30,7 +30,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from pipelines.metrics import (FeatureStats, build_feature_extractor, frechet_distance, inception_score,
+from pipelines.kit.metrics import (FeatureStats, build_feature_extractor, frechet_distance, inception_score,
                                load_statistics, precision_recall, to_uint8)
 
 CACHE_VERSION = 1
@@ -115,7 +115,7 @@ def _npz_keys(path: Path) -> list[str]:
 def list_sample_images(folder: Path) -> list[Path]:
     """The sample PNGs `scripts/sample.py` wrote (NNNNNN_c*_s*.png, index order), else every image file."""
     from data.images import is_image_file
-    from pipelines.sampling import SAMPLE_NAME
+    from pipelines.sample import SAMPLE_NAME
 
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
     samples = [p for p in files if SAMPLE_NAME.match(p.name)]
@@ -397,13 +397,13 @@ def write_report(payload: dict[str, Any], markdown: str, json_path: Path) -> Non
 
 def evaluate_pipeline(sample_config, fid_config: FIDConfig) -> dict[str, Any] | None:
     """The paper's generation protocol in one go (Table 3: 50k samples, no CFG): sample with
-    `pipelines.sampling.run_sampling` (every rank), then score the ADM `.npz` on the main process.
+    `pipelines.sample.run_sampling` (every rank), then score the ADM `.npz` on the main process.
     Returns the combined report (None on other ranks); JSON + markdown go to `fid_config.output`."""
     import dataclasses
 
     from accelerate import PartialState
 
-    from pipelines.sampling import images_per_second, run_sampling
+    from pipelines.sample import images_per_second, run_sampling
 
     if not sample_config.write_npz:
         sample_config = dataclasses.replace(sample_config, write_npz=True)

@@ -142,7 +142,7 @@ def real_halves(val, limit: int) -> tuple[list[int], list[int]]:
 @torch.no_grad()
 def generate_images(pipeline, labels: torch.Tensor, seeds: list[int], profile: DemoProfile) -> np.ndarray:
     """The product's GenerationPipeline (one generator per image), batched: uint8 (N, H, W, 3)."""
-    from pipelines.sampling import make_generators
+    from pipelines.sample import make_generators
 
     images = []
     for start in range(0, len(seeds), profile.batch_size):
@@ -154,7 +154,7 @@ def generate_images(pipeline, labels: torch.Tensor, seeds: list[int], profile: D
 
 
 def _features(extractor, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    from pipelines.metrics import FeatureStats
+    from pipelines.kit.metrics import FeatureStats
 
     stats = None
     for start in range(0, len(images), 64):
@@ -262,7 +262,7 @@ def run_demo(out_dir: str | Path = "runs/demo", profile_name: str = "default", f
     generator_record = run_stage(out, "generator", generator_stage)
 
     def load_pipeline():
-        from pipelines.sampling import GenerationPipeline
+        from pipelines.sample import GenerationPipeline
 
         return GenerationPipeline.from_pretrained(generator_record["model_dir"], tokenizer_record["model_dir"])
 
@@ -295,9 +295,9 @@ def run_demo(out_dir: str | Path = "runs/demo", profile_name: str = "default", f
 
 def evaluate_demo(out: Path, profile: DemoProfile, tokenizer_dir: str, load_pipeline, class_names) -> dict[str, Any]:
     from generator.dit import DiT
-    from pipelines.sampling import GenerationPipeline
+    from pipelines.sample import GenerationPipeline
     from pipelines.evaluate import ReconstructionEvalConfig, evaluate_reconstruction, reconstruct
-    from pipelines.metrics import build_feature_extractor, frechet_distance, to_uint8
+    from pipelines.kit.metrics import build_feature_extractor, frechet_distance, to_uint8
 
     recon_report = evaluate_reconstruction(ReconstructionEvalConfig(
         tokenizer=tokenizer_dir, data="offline", split="val", resolution=profile.resolution,
@@ -354,7 +354,7 @@ def plot_losses(out: Path, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from pipelines.logging import read_jsonl
+    from pipelines.kit.logging import read_jsonl
 
     figure, axes = plt.subplots(1, 2, figsize=(10, 3.5))
     panels = [(out / "tokenizer" / "metrics.jsonl", ("score", "perceptual", "adv"), "stage 1: ε-VAE"),

@@ -34,8 +34,8 @@ import numpy as np
 import torch
 
 from generator.dit import DiT, DiTConfig, load_config
-from pipelines.generate import DIFFUSION_STEPS, generate_latents
-from pipelines.metrics import to_uint8
+from pipelines.kit.generation import DIFFUSION_STEPS, generate_latents
+from pipelines.kit.metrics import to_uint8
 
 logger = logging.getLogger(__name__)
 

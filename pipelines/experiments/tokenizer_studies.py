@@ -23,7 +23,6 @@ training settings are identical (e.g. ladder rows (f) and (g), which differ only
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -335,7 +334,7 @@ def frechet_distance_of_features(x: np.ndarray, y: np.ndarray) -> float:
     images, D = 1280) the covariances have rank < N, and tr((Σx Σy)^½) is the nuclear norm of the small
     (Nx, Ny) matrix Ax·Ayᵀ, where Σ = AᵀA and A = centred features / √(N − 1): the nonzero eigenvalues of
     AxᵀAx·AyᵀAy are those of (AxAyᵀ)(AxAyᵀ)ᵀ. That avoids two 1280² eigendecompositions per evaluation."""
-    from pipelines.metrics import FeatureStats, frechet_distance
+    from pipelines.kit.metrics import FeatureStats, frechet_distance
 
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
     if min(len(x), len(y)) < 2 or x.shape[1] != y.shape[1]:
@@ -387,7 +386,7 @@ class StudyEvaluator:
     resolution (computed once), so every run is measured on exactly the same crops."""
 
     def __init__(self, profile: StudyProfile, data: str, device: torch.device):
-        from pipelines.metrics import EffNetFeatures
+        from pipelines.kit.metrics import EffNetFeatures
         from tokenizer.perceptual import build_perceptual
 
         self.profile, self.data, self.device = profile, data, device
@@ -410,7 +409,7 @@ class StudyEvaluator:
     def evaluate(self, tokenizer, variants: tuple[EvalVariant, ...]) -> list[dict[str, Any]]:
         """Metrics of every variant; ε-VAE noise comes from one generator per image (seed + index), as in
         `pipelines.evaluate`, so numbers do not depend on the batch size."""
-        from pipelines.metrics import psnr, ssim, to_uint8
+        from pipelines.kit.metrics import psnr, ssim, to_uint8
         from tokenizer import EpsVAE
 
         rows = []
@@ -510,7 +509,7 @@ def train_run(spec: RunSpec, profile: StudyProfile, run_dir: Path, data: str, ma
     from accelerate import PartialState
 
     from pipelines import train_tokenizer as stage1
-    from pipelines.logging import read_jsonl
+    from pipelines.kit.logging import read_jsonl
     from tokenizer import EpsVAE, VAE
 
     state = PartialState()
@@ -917,25 +916,13 @@ EfficientNet-Lite0 features, **not FID**){feature_note}, PSNR, SSIM and the EffN
 {detail}"""
 
 
-# --------------------------------------------------------------------------------------------------------- CLI
-def add_tokenizer_study_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """`scripts/benchmark.py tokenizer --study NAME --profile P --out DIR` (the lead wires the subcommand)."""
-    parser.add_argument("--study", required=True, choices=[*STUDIES, "all"], help="which study ('all': each in turn)")
-    parser.add_argument("--profile", default="quick", choices=list(PROFILES),
-                        help="micro: seconds (tests); quick: ~20 min per study on 2 CPU cores; full: paper sizes, GPUs")
-    parser.add_argument("--out", default="runs/bench", help="each study writes <out>/<study>/")
-    parser.add_argument("--data", default="offline", help="offline | ImageNet-style folder | webdataset shards")
-    parser.add_argument("--perceptual-weights", default=None,
-                        help="weights file of the training perceptual loss (lpips-vgg in the full profile)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads for torch (1 is faster than 2 on a CPU other jobs are using)")
-    return parser
-
-
-def run_tokenizer_study(args: argparse.Namespace) -> dict[str, Any]:
-    """Run the study (or all studies) named by parsed arguments; returns {study: report}."""
-    names = list(STUDIES) if args.study == "all" else [args.study]
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    return {name: run_study(name, args.profile, args.out, data=args.data,
-                            perceptual_weights=args.perceptual_weights) for name in names}
+def run_studies(names: str | list[str], profile: str = "quick", out: str | Path = "runs/bench", data: str = "offline",
+                perceptual_weights: str | None = None, threads: int | None = None) -> dict[str, Any]:
+    """Run one study, several, or "all" in turn; returns {study: report}."""
+    if names == "all":
+        names = list(STUDIES)
+    elif isinstance(names, str):
+        names = [names]
+    if threads:
+        torch.set_num_threads(threads)
+    return {name: run_study(name, profile, out, data=data, perceptual_weights=perceptual_weights) for name in names}

@@ -47,8 +47,8 @@ def _is_run_failure(error: BaseException) -> bool:
     written. They get one line too (their messages say what happened and what was kept), with exit code 1."""
     if isinstance(error, OSError) and error.errno == errno.ENOSPC:
         return True
-    from pipelines.checkpoints import CheckpointError
-    from pipelines.training import NonFiniteLossError
+    from pipelines.kit.checkpoints import CheckpointError
+    from pipelines.kit.loop import NonFiniteLossError
 
     return isinstance(error, (CheckpointError, NonFiniteLossError))
 

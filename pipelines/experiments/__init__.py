@@ -1,0 +1,1 @@
+"""Studies, benchmarks and the demo: above the jobs (they run them), below the scripts. Nothing is imported here."""
