@@ -19,7 +19,6 @@ import dataclasses
 import json
 import logging
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,11 +29,13 @@ from generator.diffusion import DiffusionSchedule, epsilon_loss, linear_beta_sch
 from generator.dit import DiT, DiTConfig, DiT_models
 from pipelines.kit.checkpoints import CheckpointManager
 from pipelines.kit.ema import EMA, unwrap_model
-from pipelines.kit.faults import fault_point
 from pipelines.kit.logging import MetricsLogger
-from pipelines.kit.loop import NonFiniteGuard, clip_gradients, mean_over_ranks, quartile_losses
+from pipelines.kit.loop import LoopPlan, NonFiniteGuard, OptimizedModule, StepOutput, quartile_losses, run_training_loop
 from pipelines.kit.optim import OptimizerConfig, build_optimizer, warmup_scheduler
-from pipelines.kit.run import AcceleratorConfig, make_accelerator
+from pipelines.kit.precision import accelerate_mixed_precision
+from pipelines.kit.run import AcceleratorConfig, make_accelerator, per_device_batch
+from tokenizer import DEFAULT_DECODE_STEPS
+from tokenizer.nn import count_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ class GeneratorTrainConfig:
     sample_every: int = 10_000
     sample_steps: int = 50
     sample_images: int = 16
-    decode_steps: int = 3
+    decode_steps: int = DEFAULT_DECODE_STEPS
     tokenizer: str | None = None
     resume: str | None = None  # None | "auto" | a checkpoint dir
     log_with: str | None = None
@@ -111,6 +112,11 @@ class GeneratorTrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]):
+        """From `to_dict()` output, e.g. the `config.json` of a checkpoint (JSON lists become tuples)."""
+        return cls(**values)
 
 
 @dataclass
@@ -165,22 +171,6 @@ def schedule_on(schedule: DiffusionSchedule, device: torch.device) -> DiffusionS
     return DiffusionSchedule(**{f.name: getattr(schedule, f.name).to(device) for f in dataclasses.fields(schedule)})
 
 
-def _per_device_batch(config: GeneratorTrainConfig, num_processes: int) -> int:
-    denominator = num_processes * config.grad_accum
-    if config.batch_size % denominator:
-        raise ValueError(f"batch_size {config.batch_size} is not divisible by processes ({num_processes}) × "
-                         f"grad_accum ({config.grad_accum})")
-    return config.batch_size // denominator
-
-
-def _agree(accelerator, flag: bool) -> bool:
-    """All ranks stop together when any rank's clock runs out."""
-    if accelerator.num_processes == 1:
-        return flag
-    value = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
-    return bool(accelerator.reduce(value, reduction="max").item() > 0)
-
-
 def _load_grid_tokenizer(config: GeneratorTrainConfig, manifest: dict[str, Any], device: torch.device):
     """The decoder for sample grids, checked against the manifest; None when no tokenizer is given."""
     if config.tokenizer is None:
@@ -205,17 +195,13 @@ def write_sample_grid(dit: DiT, ema: EMA, tokenizer, config: GeneratorTrainConfi
     from torchvision.utils import save_image
 
     from pipelines.kit.generation import generate_latents
-    from tokenizer import EpsVAE
 
     device = next(dit.parameters()).device
     labels = torch.arange(config.sample_images, device=device) % dit.config.num_classes  # (N,)
     generator = torch.Generator(device=device).manual_seed(config.seed)
     with ema.swapped_in(dit):
         latents = generate_latents(dit, labels, config.sample_steps, generator)  # (N, C, h, w)
-    if isinstance(tokenizer, EpsVAE):
-        images = tokenizer.decode(latents, steps=config.decode_steps, generator=generator)
-    else:
-        images = tokenizer.decode(latents)
+    images = tokenizer.decode(latents, steps=config.decode_steps, generator=generator)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_image((images.float().clamp(-1, 1) + 1) / 2, path, nrow=int(math.ceil(math.sqrt(len(labels)))))
 
@@ -240,16 +226,18 @@ def train_generator(config: GeneratorTrainConfig) -> TrainedGenerator:
     manifest = read_manifest(config.shards)  # before anything expensive: one-line error for a bad directory
     dit_config = dit_config_from_manifest(config, manifest)
     accelerator = make_accelerator(AcceleratorConfig(
-        mixed_precision=config.precision, gradient_accumulation_steps=config.grad_accum, seed=config.seed,
-        log_with=config.log_with, project_dir=str(output_dir / "trackers") if config.log_with else None,
+        mixed_precision=accelerate_mixed_precision(config.precision), gradient_accumulation_steps=config.grad_accum,
+        seed=config.seed, log_with=config.log_with,
+        project_dir=str(output_dir / "trackers") if config.log_with else None,
         collective_timeout_s=config.collective_timeout_s, cpu=config.cpu,
     ))
     device = accelerator.device
-    per_device_batch = _per_device_batch(config, accelerator.num_processes)
+    micro_batch = per_device_batch(config.batch_size, accelerator.num_processes, config.grad_accum)
     grid_tokenizer = _load_grid_tokenizer(config, manifest, device) if accelerator.is_main_process else None
 
+    # --- network, optimiser, EMA
     dit = DiT(dit_config)
-    num_parameters = sum(p.numel() for p in dit.parameters())
+    num_parameters = count_parameters(dit)
     optimizer = build_optimizer(dit, OptimizerConfig(lr=config.lr, betas=config.adam_betas,
                                                      weight_decay=config.weight_decay))
     scheduler = warmup_scheduler(optimizer, config.warmup_steps)
@@ -258,20 +246,23 @@ def train_generator(config: GeneratorTrainConfig) -> TrainedGenerator:
     ema = EMA(raw_dit, config.ema_decay)
     guard = NonFiniteGuard(config.max_nonfinite, accelerator)
     schedule = schedule_on(linear_beta_schedule(config.diffusion_steps), device)
+    networks = [OptimizedModule("dit", model, optimizer, scheduler, config.grad_clip, ema, raw_dit)]
 
+    # --- resume
     manager = CheckpointManager(output_dir / "checkpoints", keep_last=config.keep_last, accelerator=accelerator)
-    step = 0
+    parts = dict(models={"dit": raw_dit}, emas={"dit": ema}, optimizers={"dit": optimizer},
+                 schedulers={"dit": scheduler})
+    start_step = 0
     resume_from = manager.resolve(config.resume)
     if resume_from is not None:
-        state = manager.load(resume_from, models={"dit": raw_dit}, emas={"dit": ema}, optimizers={"dit": optimizer},
-                             schedulers={"dit": scheduler})
-        step = state.step
+        state = manager.load(resume_from, **parts)
+        start_step = state.step
         guard.load_state_dict(state.extra.get("nonfinite_guard", guard.state_dict()))
         if accelerator.is_main_process:
-            logger.info("resumed from %s at step %d", resume_from, step)
-    data_seed = stream_seed(config.seed, step)
+            logger.info("resumed from %s at step %d", resume_from, start_step)
+    data_seed = stream_seed(config.seed, start_step)
     loader, latent_dataset = make_latent_loader(
-        config.shards, per_device_batch, accelerator.process_index, accelerator.num_processes,
+        config.shards, micro_batch, accelerator.process_index, accelerator.num_processes,
         num_workers=config.num_workers, resampled=True, shuffle_buffer=config.shuffle_buffer, seed=data_seed,
         flip=True, sample_posterior=True, normalize=True, on_bad_shard=config.on_bad_shard,
     )
@@ -279,79 +270,50 @@ def train_generator(config: GeneratorTrainConfig) -> TrainedGenerator:
         logger.info("%s: %s parameters, latents %s, %d classes", config.model, f"{num_parameters:,}",
                     manifest["latent_shape"], manifest["num_classes"])
 
-    def save_checkpoint() -> Path:
+    def save_checkpoint(step: int) -> Path:
         return manager.save(
-            step, models={"dit": raw_dit}, emas={"dit": ema}, optimizers={"dit": optimizer},
-            schedulers={"dit": scheduler}, config=config.to_dict(), extra={"nonfinite_guard": guard.state_dict()},
+            step, **parts, config=config.to_dict(), extra={"nonfinite_guard": guard.state_dict()},
             data_state={"stream_seed": data_seed, "stream": "resampled; a resume restarts it with "
                                                             "stream_seed(seed, step)"},
         )
 
-    metrics_log = MetricsLogger(output_dir / "metrics.jsonl", accelerator=accelerator, total_steps=config.max_steps,
-                                initial_step=step, description="generator",
-                                tracker_project="generator" if config.log_with else None,
-                                tracker_config=config.to_dict())
-    started = time.monotonic()
-    window_start, window_steps = time.monotonic(), 0
-    last_checkpoint_step = step if resume_from is not None else -1
-    batches = iter(loader)
-    grad_norm = 0.0
-    while step < config.max_steps:
-        latents, labels = next(batches)
+    # --- the step body: DDPM ε-prediction loss at t ~ U{0..T-1}
+    def step_body(batch, step: int) -> StepOutput:
+        latents, labels = batch
         latents = latents.to(device, non_blocking=True)  # (B, C, h, w), normalised
         labels = labels.to(device, non_blocking=True)  # (B,)
-        with accelerator.accumulate(model):
-            t = torch.randint(0, config.diffusion_steps, (latents.shape[0],), device=device)  # (B,)
-            with accelerator.autocast():
-                per_sample = epsilon_loss(model, schedule, latents, t, model_kwargs={"y": labels})  # (B,)
-                loss = per_sample.mean()
-            if guard.skip(loss):
-                optimizer.zero_grad(set_to_none=True)
-                continue
-            accelerator.backward(loss)
-            if accelerator.sync_gradients:
-                grad_norm = clip_gradients(accelerator, model.parameters(), config.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        if not accelerator.sync_gradients:
-            continue
-        scheduler.step()
-        ema.update(raw_dit)
-        step += 1
-        fault_point("train_step")
-        window_steps += 1
-        metrics_log.advance()
+        t = torch.randint(0, config.diffusion_steps, (latents.shape[0],), device=device)  # (B,)
+        with accelerator.autocast():
+            per_sample = epsilon_loss(model, schedule, latents, t, model_kwargs={"y": labels})  # (B,)
+            loss = per_sample.mean()
+        return StepOutput(
+            losses=[loss], batch_size=latents.shape[0],
+            # bad shards / samples skipped by this process (DataLoader workers count in their own copy and name
+            # each one in a warning)
+            scalars={"loss": loss.detach(), "bad_shards_skipped": latent_dataset.bad_shards.count},
+            log_extra=lambda: quartile_losses(per_sample, t, accelerator, t_max=config.diffusion_steps),
+        )
 
-        if step % config.log_every == 0 or step == config.max_steps:
-            elapsed = max(time.monotonic() - window_start, 1e-9)
-            record = {"loss": mean_over_ranks(accelerator, loss.detach()), "grad_norm": grad_norm,
-                      "lr": scheduler.get_last_lr()[0], "steps_per_s": window_steps / elapsed,
-                      "latents_per_s": window_steps * config.batch_size / elapsed,
-                      "nonfinite_skipped": guard.total_skipped,
-                      # bad shards / samples skipped by this process (DataLoader workers count in their own copy
-                      # and name each one in a warning)
-                      "bad_shards_skipped": latent_dataset.bad_shards.count}
-            record.update(quartile_losses(per_sample, t, accelerator, t_max=config.diffusion_steps))
-            metrics_log.log(step, record)
-            window_start, window_steps = time.monotonic(), 0
+    def write_grid(step: int) -> None:
         if step % config.sample_every == 0 and grid_tokenizer is not None:
             write_sample_grid(raw_dit, ema, grid_tokenizer, config, output_dir / "samples" / f"step_{step:07d}.png")
-        out_of_time = config.max_minutes is not None and (time.monotonic() - started) / 60 >= config.max_minutes
-        out_of_time = _agree(accelerator, out_of_time)
-        if step % config.checkpoint_every == 0 or step >= config.max_steps or out_of_time:
-            save_checkpoint()
-            last_checkpoint_step = step
-        if out_of_time:
-            break
-    if last_checkpoint_step != step:
-        save_checkpoint()
-    metrics_log.close()
+
+    metrics_log = MetricsLogger(output_dir / "metrics.jsonl", accelerator=accelerator, total_steps=config.max_steps,
+                                initial_step=start_step, description="generator",
+                                tracker_project="generator" if config.log_with else None,
+                                tracker_config=config.to_dict())
+    result = run_training_loop(
+        accelerator, loader, step_body, networks,
+        LoopPlan(config.max_steps, config.log_every, config.checkpoint_every, config.max_minutes),
+        start_step=start_step, guard=guard, metrics_log=metrics_log, save_checkpoint=save_checkpoint,
+        resumed=resume_from is not None, after_update=write_grid, throughput_name="latents_per_s",
+    )
     final_dir = output_dir / "model"
     if accelerator.is_main_process:
         save_final_model(raw_dit, ema, final_dir, {
-            "step": step, "num_parameters": num_parameters, "shards": str(config.shards),
+            "step": result.step, "num_parameters": num_parameters, "shards": str(config.shards),
             "num_samples": manifest["num_samples"], "tokenizer_weights_sha256": manifest["tokenizer"]["weights_sha256"],
             "bad_shards_skipped": latent_dataset.bad_shards.count,
         })
     accelerator.wait_for_everyone()
-    return TrainedGenerator(final_dir, step, raw_dit, ema, num_parameters)
+    return TrainedGenerator(final_dir, result.step, raw_dit, ema, num_parameters)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,12 +26,14 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pipelines.kit.checkpoints import CheckpointManager
 from pipelines.kit.ema import EMA, unwrap_model
-from pipelines.kit.faults import fault_point
 from pipelines.kit.logging import MetricsLogger
-from pipelines.kit.loop import NonFiniteGuard, clip_gradients, mean_over_ranks, quartile_losses
+from pipelines.kit.loop import (LoopPlan, NonFiniteGuard, OptimizedModule, StepOutput, quartile_losses,
+                                 run_training_loop)
 from pipelines.kit.optim import OptimizerConfig, build_optimizer, warmup_scheduler
-from pipelines.kit.run import AcceleratorConfig, make_accelerator
-from tokenizer import EpsVAE, VAE, flow, losses
+from pipelines.kit.precision import accelerate_mixed_precision
+from pipelines.kit.run import AcceleratorConfig, make_accelerator, per_device_batch
+from tokenizer import DEFAULT_DECODE_STEPS, EpsVAE, VAE, losses
+from tokenizer.objectives import Objective, TrainingOutputs
 from tokenizer.discriminator import DISCRIMINATOR_PRESETS, TrajectoryDiscriminator
 
 logger = logging.getLogger(__name__)
@@ -109,6 +110,11 @@ class TokenizerTrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]):
+        """From `to_dict()` output, e.g. the `config.json` of a checkpoint (JSON lists become tuples)."""
+        return cls(**values)
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # Models
@@ -132,56 +138,22 @@ def build_discriminator(config: TokenizerTrainConfig) -> TrajectoryDiscriminator
 
 
 class TokenizerTrainingStep(nn.Module):
-    """The generator side of one training step, as one `forward` so DDP can wrap it.
-
-    Returns the tensors the losses need: `x_hat` (x̂0_t, or the VAE's reconstruction), `kl`, and for ε-VAE the
-    prediction/target pair, `t` and the network-scaled `x_t` the discriminator sees next to x0.
-    """
+    """The generator side of one training step, as one `forward` so DDP can wrap it: encode, sample the
+    posterior, and let the tokenizer's objective build x_t, the prediction and x̂0 (`TrainingOutputs`)."""
 
     def __init__(self, tokenizer: EpsVAE | VAE):
         super().__init__()
         self.tokenizer = tokenizer
-        if isinstance(tokenizer, EpsVAE) and tokenizer.config.parameterization == "epsilon":
-            from generator.diffusion import linear_beta_schedule
 
-            schedule = linear_beta_schedule(tokenizer.config.ddpm_num_steps)
-            self.register_buffer("alphas_cumprod", schedule.alphas_cumprod.float(), persistent=False)
-
-    def forward(self, images: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, images: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> TrainingOutputs:
         posterior = self.tokenizer.encode_posterior(images)
         z = posterior.sample()  # (B, C, h, w)
-        out = {"kl": posterior.kl()}
-        if isinstance(self.tokenizer, VAE):
-            out["x_hat"] = self.tokenizer.decoder(z)  # (B, 3, H, W), unclamped so gradients flow
-            return out
-        config = self.tokenizer.config
-        if config.parameterization == "velocity":
-            x_t = flow.interpolate(images, noise, t, config.gamma)
-            prediction = self.tokenizer.velocity(x_t, t, z)
-            out["target"] = flow.velocity_target(images, noise, config.gamma)
-            out["x_hat"] = flow.estimate_x_data(x_t, prediction, t, config.gamma)
-            out["x_t_seen"] = x_t * flow.network_input_scale(t, config.gamma, config.data_std)
-        else:  # DDPM ε-prediction baseline (Table 4): t is step / T on the discrete linear-β grid.
-            steps = (t * config.ddpm_num_steps).long().clamp_(0, config.ddpm_num_steps - 1)
-            alpha_bar = self.alphas_cumprod[steps].view(-1, 1, 1, 1)  # (B, 1, 1, 1)
-            x_t = alpha_bar.sqrt() * images + (1 - alpha_bar).sqrt() * noise
-            prediction = self.tokenizer.velocity(x_t, steps.float() / config.ddpm_num_steps, z)
-            out["target"] = noise
-            out["x_hat"] = (x_t - (1 - alpha_bar).sqrt() * prediction) / alpha_bar.sqrt()
-            out["x_t_seen"] = x_t
-        out["prediction"] = prediction
-        return out
+        return self.tokenizer.objective.training_outputs(self.tokenizer, images, z, posterior.kl(), noise, t)
 
 
 def sample_training_time(tokenizer: EpsVAE | VAE, batch: int, device: torch.device) -> torch.Tensor:
-    """Training t: logit-normal or uniform (continuous) for flow; uniform over DDPM steps for ε-prediction."""
-    if isinstance(tokenizer, VAE):
-        return torch.zeros(batch, device=device)
-    config = tokenizer.config
-    if config.parameterization == "epsilon":
-        steps = torch.randint(0, config.ddpm_num_steps, (batch,), device=device)
-        return steps.float() / config.ddpm_num_steps
-    return flow.sample_time(batch, config.time_sampling, device=device, location=config.time_location)
+    """Training t of the tokenizer's objective (logit-normal for flow, DDPM steps / T, zeros for the VAE)."""
+    return tokenizer.objective.sample_time(tokenizer, batch, device)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -257,16 +229,6 @@ def build_train_loader(config: TokenizerTrainConfig, per_device_batch: int, rank
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _per_device_batch(config: TokenizerTrainConfig, num_processes: int) -> int:
-    denominator = num_processes * config.grad_accum
-    if config.batch_size % denominator:
-        raise ValueError(
-            f"batch_size {config.batch_size} is not divisible by processes ({num_processes}) × grad_accum "
-            f"({config.grad_accum})"
-        )
-    return config.batch_size // denominator
-
-
 def _set_requires_grad(module: nn.Module, flag: bool) -> None:
     for parameter in module.parameters():
         parameter.requires_grad_(flag)
@@ -274,7 +236,8 @@ def _set_requires_grad(module: nn.Module, flag: bool) -> None:
 
 def generator_losses(
     config: TokenizerTrainConfig,
-    out: dict[str, torch.Tensor],
+    objective: Objective,
+    out: TrainingOutputs,
     images: torch.Tensor,
     t: torch.Tensor,
     perceptual: nn.Module,
@@ -282,21 +245,20 @@ def generator_losses(
     use_adversarial: bool,
     kl_weight: float,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Eq. 1 with L_rec → L_score for ε-VAE; returns the total and per-sample terms (B,) for logging."""
-    terms: dict[str, torch.Tensor] = {}
-    if "prediction" in out:
-        terms["score"] = losses.velocity_loss(out["prediction"], out["target"])
-    else:
-        terms["rec"] = losses.reconstruction_loss(out["x_hat"], images, config.reconstruction)
+    """Eq. 1 with L_rec → L_score for ε-VAE; returns the total and per-sample terms (B,) for logging.
+
+    The regression term is the objective's own (`objective.regression_term`: "score" or "rec").
+    """
+    terms = {objective.regression_term: objective.regression_loss(out, images, config.reconstruction)}
     if config.perceptual_weight > 0:
-        terms["perceptual"] = perceptual(out["x_hat"].float(), images.float())
+        terms["perceptual"] = perceptual(out.x_hat.float(), images.float())
     if use_adversarial and config.adversarial_weight > 0:
-        if "x_t_seen" in out:  # trajectory matching on (x̂0_t, x_t), Eq. 12
-            logits = discriminator(losses.trajectory_pair(out["x_hat"], out["x_t_seen"]), t)
+        if out.x_t is not None:  # trajectory matching on (x̂0_t, x_t), Eq. 12
+            logits = discriminator(losses.trajectory_pair(out.x_hat, out.x_t), t)
         else:
-            logits = discriminator(out["x_hat"])
+            logits = discriminator(out.x_hat)
         terms["adv"] = losses.generator_adversarial_loss(logits)
-    terms["kl"] = out["kl"]
+    terms["kl"] = out.kl
     weights = {"score": 1.0, "rec": 1.0, "perceptual": config.perceptual_weight,
                "adv": config.adversarial_weight, "kl": kl_weight}
     total = sum(weights[name] * value.mean() for name, value in terms.items())
@@ -306,31 +268,29 @@ def generator_losses(
 def discriminator_step_loss(
     config: TokenizerTrainConfig,
     discriminator: nn.Module,
-    out: dict[str, torch.Tensor],
+    out: TrainingOutputs,
     images: torch.Tensor,
     t: torch.Tensor,
     with_r1: bool,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """Non-saturating D loss on real vs detached fake, with lazy R1 on the real inputs (one D forward)."""
-    fake_start = out["x_hat"].detach()
-    if "x_t_seen" in out:
-        x_t = out["x_t_seen"].detach()
-        real = losses.trajectory_pair(images, x_t)
-        fake = losses.trajectory_pair(fake_start, x_t)
-        t_both = torch.cat([t, t])
-    else:
-        real, fake, t_both = images, fake_start, None
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Non-saturating D loss on real vs detached fake, with lazy R1 on the real inputs, in one D forward.
+
+    A trajectory discriminator (`out.x_t` set) sees (x0, x_t) as real and (x̂0_t, x_t) as fake at time t; the
+    VAE's sees images alone. Stats are tensors, read only on log steps.
+    """
+    x_t = out.x_t.detach() if out.x_t is not None else None
+    real = images if x_t is None else losses.trajectory_pair(images, x_t)
+    fake = out.x_hat.detach() if x_t is None else losses.trajectory_pair(out.x_hat.detach(), x_t)
     real = real.detach().requires_grad_(with_r1)
-    logits = discriminator(torch.cat([real, fake]), t_both) if t_both is not None else discriminator(torch.cat([real, fake]))
-    real_logits, fake_logits = logits.chunk(2)
+    condition = () if x_t is None else (torch.cat([t, t]),)
+    real_logits, fake_logits = discriminator(torch.cat([real, fake]), *condition).chunk(2)
     loss = losses.discriminator_loss(real_logits, fake_logits)
-    stats = {"d_real_logit": real_logits.detach().float().mean().item(),
-             "d_fake_logit": fake_logits.detach().float().mean().item()}
+    stats = {"d_real_logit": real_logits.detach().float().mean(), "d_fake_logit": fake_logits.detach().float().mean()}
     if with_r1:
         # Gradient w.r.t. the input only: DDP's parameter hooks fire once, in the backward of the total.
         r1 = losses.r1_from_logits(real_logits, real)
         loss = loss + config.r1_weight * config.r1_interval * r1
-        stats["r1"] = r1.detach().item()
+        stats["r1"] = r1.detach()
     return loss, stats
 
 
@@ -340,154 +300,125 @@ def train_tokenizer(config: TokenizerTrainConfig) -> Path:
 
     output_dir = Path(config.output_dir)
     accelerator = make_accelerator(AcceleratorConfig(
-        mixed_precision=config.precision, gradient_accumulation_steps=config.grad_accum, seed=config.seed,
-        log_with=config.log_with, project_dir=str(output_dir / "trackers") if config.log_with else None,
+        mixed_precision=accelerate_mixed_precision(config.precision), gradient_accumulation_steps=config.grad_accum,
+        seed=config.seed, log_with=config.log_with,
+        project_dir=str(output_dir / "trackers") if config.log_with else None,
         collective_timeout_s=config.collective_timeout_s, cpu=config.cpu,
     ))
     device = accelerator.device
-    per_device_batch = _per_device_batch(config, accelerator.num_processes)
+    micro_batch = per_device_batch(config.batch_size, accelerator.num_processes, config.grad_accum)
     # Fail on missing perceptual weights before anything expensive happens.
     perceptual = build_perceptual(config.perceptual if config.perceptual_weight > 0 else "none",
                                   config.perceptual_weights).to(device)
 
+    # --- networks, optimisers, EMA
     tokenizer = build_tokenizer(config)
     discriminator = build_discriminator(config)
-    loader, sampler, augmented = build_train_loader(config, per_device_batch, accelerator.process_index,
+    loader, sampler, augmented = build_train_loader(config, micro_batch, accelerator.process_index,
                                                     accelerator.num_processes)
-    streaming = sampler is None
     step_module = TokenizerTrainingStep(tokenizer)
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
     for module in (step_module, discriminator, perceptual):
         module.to(memory_format=memory_format)
-
     opt_g = build_optimizer(step_module, OptimizerConfig(lr=config.lr, betas=config.adam_betas))
     opt_d = build_optimizer(discriminator, OptimizerConfig(lr=config.disc_lr, betas=config.adam_betas))
     sched_g, sched_d = warmup_scheduler(opt_g, config.warmup_steps), warmup_scheduler(opt_d, config.warmup_steps)
     step_module, discriminator, opt_g, opt_d = accelerator.prepare(step_module, discriminator, opt_g, opt_d)
-    if not streaming:  # streams are already split by rank inside the dataset
+    if sampler is not None:  # webdataset streams are already split by rank inside the dataset
         loader = accelerator.prepare(loader)
     raw_tokenizer: EpsVAE | VAE = unwrap_model(step_module).tokenizer
     raw_discriminator: nn.Module = unwrap_model(discriminator)
+    objective = raw_tokenizer.objective
     ema = EMA(raw_tokenizer, config.ema_decay)
     guard = NonFiniteGuard(config.max_nonfinite, accelerator)
+    networks = [OptimizedModule("g", step_module, opt_g, sched_g, config.grad_clip, ema, raw_tokenizer),
+                OptimizedModule("d", discriminator, opt_d, sched_d, config.grad_clip)]
 
+    # --- resume
     manager = CheckpointManager(output_dir / "checkpoints", keep_last=config.keep_last, accelerator=accelerator)
-    step, epoch, batches_done = 0, 0, 0
+    parts = dict(models={"tokenizer": raw_tokenizer, "discriminator": raw_discriminator}, emas={"tokenizer": ema},
+                 optimizers={"generator": opt_g, "discriminator": opt_d},
+                 schedulers={"generator": sched_g, "discriminator": sched_d})
+    start_step, position = 0, {"epoch": 0, "batches_in_epoch": 0}
     resume_from = manager.resolve(config.resume)
     if resume_from is not None:
-        state = manager.load(resume_from, models={"tokenizer": raw_tokenizer, "discriminator": raw_discriminator},
-                             emas={"tokenizer": ema}, optimizers={"generator": opt_g, "discriminator": opt_d},
-                             schedulers={"generator": sched_g, "discriminator": sched_d})
-        step, epoch, batches_done = state.step, state.data_state["epoch"], state.data_state["batches_in_epoch"]
+        state = manager.load(resume_from, **parts)
+        start_step = state.step
+        position = {"epoch": state.data_state["epoch"], "batches_in_epoch": state.data_state["batches_in_epoch"]}
         guard.load_state_dict(state.extra.get("nonfinite_guard", guard.state_dict()))
         if accelerator.is_main_process:
-            logger.info("resumed from %s at step %d", resume_from, step)
+            logger.info("resumed from %s at step %d", resume_from, start_step)
 
-    def save_checkpoint() -> Path:
-        return manager.save(
-            step, models={"tokenizer": raw_tokenizer, "discriminator": raw_discriminator}, emas={"tokenizer": ema},
-            optimizers={"generator": opt_g, "discriminator": opt_d},
-            schedulers={"generator": sched_g, "discriminator": sched_d},
-            data_state={"epoch": epoch, "batches_in_epoch": batches_done}, config=config.to_dict(),
-            extra={"nonfinite_guard": guard.state_dict()},
-        )
+    def save_checkpoint(step: int) -> Path:
+        return manager.save(step, **parts, data_state=dict(position), config=config.to_dict(),
+                            extra={"nonfinite_guard": guard.state_dict()})
 
+    def batches():
+        """Map-style data replays (epoch, batch) exactly on resume; a stream restarts with a fresh shuffle."""
+        while True:
+            if sampler is None:
+                yield from loader
+                continue
+            sampler.set_epoch(position["epoch"])
+            augmented.epoch = position["epoch"]
+            skipped = position["batches_in_epoch"]
+            for batch in (accelerator.skip_first_batches(loader, skipped) if skipped else loader):
+                position["batches_in_epoch"] += 1
+                yield batch
+            position["epoch"], position["batches_in_epoch"] = position["epoch"] + 1, 0
+
+    # --- the step body: generator forward and losses, then the discriminator's loss on the same trajectories
     kl_weight = raw_tokenizer.config.kl_weight
+    latest_images: list[torch.Tensor] = []
+
+    def step_body(batch, step: int) -> StepOutput:
+        images = batch[0].to(device, non_blocking=True, memory_format=memory_format)
+        latest_images[:] = [images]
+        use_adv = step >= config.disc_start and config.adversarial_weight > 0
+        t = sample_training_time(raw_tokenizer, images.shape[0], device)
+        # Drawn in logical (NCHW) order, so a channels-last run sees the same noise as a standard one.
+        noise = torch.randn(images.shape, device=device, dtype=images.dtype).to(memory_format=memory_format)
+        # Generator losses: the discriminator frozen and used unwrapped (see module docstring).
+        _set_requires_grad(raw_discriminator, False)
+        with accelerator.autocast():
+            out = step_module(images, noise, t)
+            total_g, terms = generator_losses(config, objective, out, images, t, perceptual, raw_discriminator,
+                                              use_adv, kl_weight)
+        _set_requires_grad(raw_discriminator, True)
+        total_d, d_stats = None, {}
+        if use_adv:
+            with_r1 = config.r1_weight > 0 and step % config.r1_interval == 0
+            with accelerator.autocast():
+                total_d, d_stats = discriminator_step_loss(config, discriminator, out, images, t, with_r1)
+        scalars = {name: value.detach().float().mean() for name, value in terms.items()}
+        scalars.update(loss=total_g.detach(), **d_stats)
+        log_extra = None
+        if objective.iterative:  # ADM-style loss per time quartile
+            score = terms["score"]
+            log_extra = lambda: quartile_losses(score, t, accelerator, prefix="score_q")  # noqa: E731
+        return StepOutput(losses=[total_g, total_d], batch_size=images.shape[0], scalars=scalars,
+                          log_extra=log_extra)
+
+    def write_images(step: int) -> None:
+        if step % config.image_every == 0 and accelerator.is_main_process:
+            write_reconstruction_grid(raw_tokenizer, ema, latest_images[0][:8],
+                                      output_dir / "images" / f"step_{step:07d}.png")
+
     metrics_log = MetricsLogger(output_dir / "metrics.jsonl", accelerator=accelerator, total_steps=config.max_steps,
-                                initial_step=step, description="tokenizer",
+                                initial_step=start_step, description="tokenizer",
                                 tracker_project="tokenizer" if config.log_with else None,
                                 tracker_config=config.to_dict())
-    started = time.monotonic()
-    images_seen, window_start = 0, time.monotonic()
-    last_checkpoint_step = step if resume_from is not None else -1
-    finished = step >= config.max_steps
-    while not finished:
-        if streaming:
-            batches = loader
-        else:
-            sampler.set_epoch(epoch)
-            augmented.epoch = epoch
-            batches = accelerator.skip_first_batches(loader, batches_done) if batches_done else loader
-        for images, _labels in batches:
-            batches_done += 1
-            images = images.to(device, non_blocking=True, memory_format=memory_format)
-            use_adv = step >= config.disc_start and config.adversarial_weight > 0
-            with accelerator.accumulate(step_module, discriminator):
-                batch = images.shape[0]
-                t = sample_training_time(raw_tokenizer, batch, device)
-                # Drawn in logical (NCHW) order, so a channels-last run sees the same noise as a standard one.
-                noise = torch.randn(images.shape, device=device, dtype=images.dtype).to(memory_format=memory_format)
-                # Generator step: discriminator frozen and used unwrapped (see module docstring).
-                _set_requires_grad(raw_discriminator, False)
-                with accelerator.autocast():
-                    out = step_module(images, noise, t)
-                    total_g, terms = generator_losses(config, out, images, t, perceptual, raw_discriminator,
-                                                      use_adv, kl_weight)
-                _set_requires_grad(raw_discriminator, True)
-                skip = guard.skip(total_g)
-                d_stats: dict[str, float] = {}
-                if not skip:
-                    accelerator.backward(total_g)
-                    if use_adv:
-                        with_r1 = config.r1_weight > 0 and step % config.r1_interval == 0
-                        with accelerator.autocast():
-                            total_d, d_stats = discriminator_step_loss(config, discriminator, out, images, t, with_r1)
-                        accelerator.backward(total_d)
-                if accelerator.sync_gradients:
-                    grad_norm_g = clip_gradients(accelerator, step_module.parameters(), config.grad_clip)
-                    grad_norm_d = clip_gradients(accelerator, discriminator.parameters(), config.grad_clip) if use_adv else 0.0
-                opt_g.step()
-                opt_d.step()
-                opt_g.zero_grad(set_to_none=True)
-                opt_d.zero_grad(set_to_none=True)
-            images_seen += batch * accelerator.num_processes
-            if not accelerator.sync_gradients:
-                continue
-            sched_g.step()
-            sched_d.step()
-            ema.update(raw_tokenizer)
-            step += 1
-            fault_point("train_step")
-            metrics_log.advance()
-
-            if step % config.log_every == 0 or step == config.max_steps:
-                elapsed = max(time.monotonic() - window_start, 1e-9)
-                record = {name: mean_over_ranks(accelerator, value.detach().float().mean()) for name, value in terms.items()}
-                record.update(loss=mean_over_ranks(accelerator, total_g.detach()), grad_norm_g=grad_norm_g,
-                              grad_norm_d=grad_norm_d, lr=sched_g.get_last_lr()[0], images_per_s=images_seen / elapsed,
-                              nonfinite_skipped=guard.total_skipped, **d_stats)
-                if "score" in terms:
-                    record.update(quartile_losses(terms["score"], t, accelerator, prefix="score_q"))
-                metrics_log.log(step, record)
-                images_seen, window_start = 0, time.monotonic()
-            if step % config.image_every == 0 and accelerator.is_main_process:
-                write_reconstruction_grid(raw_tokenizer, ema, images[:8], output_dir / "images" / f"step_{step:07d}.png")
-            out_of_time = config.max_minutes is not None and (time.monotonic() - started) / 60 >= config.max_minutes
-            out_of_time = _agree(accelerator, out_of_time)
-            if step % config.checkpoint_every == 0 or step >= config.max_steps or out_of_time:
-                save_checkpoint()
-                last_checkpoint_step = step
-            if step >= config.max_steps or out_of_time:
-                finished = True
-                break
-        else:
-            epoch, batches_done = epoch + 1, 0
-    if last_checkpoint_step != step:
-        save_checkpoint()
-    metrics_log.close()
+    run_training_loop(
+        accelerator, batches(), step_body, networks,
+        LoopPlan(config.max_steps, config.log_every, config.checkpoint_every, config.max_minutes),
+        start_step=start_step, guard=guard, metrics_log=metrics_log, save_checkpoint=save_checkpoint,
+        resumed=resume_from is not None, after_update=write_images, throughput_name="images_per_s",
+    )
     final_dir = output_dir / "model"
     if accelerator.is_main_process:
         save_final_model(raw_tokenizer, ema, final_dir)
     accelerator.wait_for_everyone()
     return final_dir
-
-
-def _agree(accelerator, flag: bool) -> bool:
-    """All ranks stop together when any rank's clock runs out."""
-    if accelerator.num_processes == 1:
-        return flag
-    value = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
-    return bool(accelerator.reduce(value, reduction="max").item() > 0)
 
 
 def save_final_model(tokenizer: EpsVAE | VAE, ema: EMA, directory: Path) -> None:
@@ -504,14 +435,11 @@ def write_reconstruction_grid(tokenizer: EpsVAE | VAE, ema: EMA, images: torch.T
 
     was_training = tokenizer.training
     tokenizer.eval()
+    step_counts = (1, DEFAULT_DECODE_STEPS) if tokenizer.objective.iterative else (None,)
     with ema.swapped_in(tokenizer):
         z = tokenizer.encode(images.float(), sample=False)
-        if isinstance(tokenizer, EpsVAE):
-            generator = torch.Generator(device=images.device).manual_seed(0)
-            columns = [images, tokenizer.decode(z, steps=1, generator=generator),
-                       tokenizer.decode(z, steps=3, generator=generator)]
-        else:
-            columns = [images, tokenizer.decode(z)]
+        generator = torch.Generator(device=images.device).manual_seed(0)
+        columns = [images] + [tokenizer.decode(z, steps=steps, generator=generator) for steps in step_counts]
     tokenizer.train(was_training)
     grid = torch.stack(columns, dim=1).flatten(0, 1)  # (B·K, 3, H, W), rows of K
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -44,7 +44,7 @@ def test_generator_step_never_reaches_the_discriminator(tmp_path, model_type, pa
 
     _set_requires_grad(discriminator, False)
     out = step(images, noise, t)
-    total, terms = generator_losses(config, out, images, t, perceptual, discriminator, True, 1e-6)
+    total, terms = generator_losses(config, tokenizer.objective, out, images, t, perceptual, discriminator, True, 1e-6)
     _set_requires_grad(discriminator, True)
     total.backward()
     assert set(terms) >= {"adv", "kl"} and ({"score"} <= set(terms) or {"rec"} <= set(terms))

@@ -32,7 +32,8 @@ from pipelines.kit.checkpoints import (
 )
 from pipelines.kit.ema import EMA
 from pipelines.kit.logging import MetricsLogger, read_jsonl
-from pipelines.kit.loop import NonFiniteGuard, NonFiniteLossError, clip_gradients, mean_over_ranks, quartile_losses
+from pipelines.kit.loop import (LoopPlan, NonFiniteGuard, NonFiniteLossError, OptimizedModule, StepOutput, clip_gradients,
+                                 mean_over_ranks, quartile_losses, run_training_loop)
 from pipelines.kit.optim import OptimizerConfig, build_optimizer, param_groups, warmup_factor, warmup_scheduler
 from pipelines.kit.run import AcceleratorConfig, make_accelerator
 
@@ -93,13 +94,18 @@ class ToyMLP(nn.Module):
         return self.net(x + self.embed.weight[0])
 
 
+class _Killed(Exception):
+    """Raised inside the loop to simulate `kill -9` right after an optimiser update."""
+
+
 def _train(workdir: Path, config: ToyConfig, stop_after: int | None = None, resume: str | None = "auto") -> dict:
-    """Train `config.total_steps` optimiser steps; `stop_after=k` returns right after step k (a simulated kill)."""
+    """Train `config.total_steps` optimiser steps through the trainers' loop (`run_training_loop`);
+    `stop_after=k` dies right after update k, before its log line and checkpoint (a simulated kill)."""
     accelerator = make_accelerator(AcceleratorConfig(seed=config.seed, cpu=True))
     model = ToyMLP()
     optimizer = build_optimizer(model, OptimizerConfig(lr=config.lr, betas=(0.0, 0.999),
                                                        weight_decay=config.weight_decay))
-    scheduler = warmup_scheduler(optimizer, config.warmup_steps)  # stepped by hand, not prepared
+    scheduler = warmup_scheduler(optimizer, config.warmup_steps)  # stepped by the loop, not prepared
     data_generator = torch.Generator()  # data order depends on (seed, epoch) only, reseeded every epoch
     loader = DataLoader(ToyDataset(config.dataset_size, seed=123), batch_size=config.batch_size, shuffle=True,
                         drop_last=True, generator=data_generator)
@@ -107,50 +113,51 @@ def _train(workdir: Path, config: ToyConfig, stop_after: int | None = None, resu
     ema = EMA(model, config.ema_decay)  # after prepare: starts from the weights DDP broadcast from rank 0
     manager = CheckpointManager(workdir / "checkpoints", keep_last=config.keep_last, accelerator=accelerator)
     guard = NonFiniteGuard(max_consecutive=3, accelerator=accelerator)
+    parts = dict(models={"model": model}, emas={"model": ema}, optimizers={"model": optimizer},
+                 schedulers={"model": scheduler})
 
-    step, epoch, batches_done = 0, 0, 0
+    step, position = 0, {"epoch": 0, "batches_in_epoch": 0}
     checkpoint = manager.resolve(resume)
     if checkpoint is not None:
-        state = manager.load(checkpoint, models={"model": model}, emas={"model": ema},
-                             optimizers={"model": optimizer}, schedulers={"model": scheduler})
-        step, epoch, batches_done = state.step, state.data_state["epoch"], state.data_state["batches_in_epoch"]
+        state = manager.load(checkpoint, **parts)
+        step, position = state.step, dict(state.data_state)
         guard.load_state_dict(state.extra["guard"])
 
-    with MetricsLogger(workdir / "metrics.jsonl", accelerator=accelerator, total_steps=config.total_steps,
-                       initial_step=step) as metrics:
-        while step < config.total_steps:
-            data_generator.manual_seed(config.seed * 100_003 + epoch)
-            batches = accelerator.skip_first_batches(loader, batches_done) if batches_done else loader
-            for x, y in batches:
-                batches_done += 1
-                with accelerator.accumulate(model):
-                    loss = (model(x) - y).pow(2).mean()
-                    if guard.skip(loss):
-                        optimizer.zero_grad(set_to_none=True)
-                        continue
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients:
-                        grad_norm = clip_gradients(accelerator, model.parameters(), config.grad_clip)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                if accelerator.sync_gradients:
-                    scheduler.step()
-                    ema.update(model)
-                    step += 1
-                    metrics.advance()
-                    metrics.log(step, {"loss": mean_over_ranks(accelerator, loss), "grad_norm": grad_norm,
-                                       "lr": scheduler.get_last_lr()[0]})
-                    if step % config.checkpoint_every == 0 or step == config.total_steps:
-                        manager.save(step, models={"model": model}, emas={"model": ema},
-                                     optimizers={"model": optimizer}, schedulers={"model": scheduler},
-                                     data_state={"epoch": epoch, "batches_in_epoch": batches_done},
-                                     config=asdict(config), extra={"guard": guard.state_dict()})
-                    if step == stop_after or step == config.total_steps:
-                        break
-            else:  # the epoch ran out
-                epoch, batches_done = epoch + 1, 0
-                continue
-            break  # stopped inside the epoch: killed, or done
+    def batches():
+        while True:
+            data_generator.manual_seed(config.seed * 100_003 + position["epoch"])
+            skipped = position["batches_in_epoch"]
+            for batch in (accelerator.skip_first_batches(loader, skipped) if skipped else loader):
+                position["batches_in_epoch"] += 1
+                yield batch
+            position["epoch"], position["batches_in_epoch"] = position["epoch"] + 1, 0
+
+    def body(batch, _step: int) -> StepOutput:
+        x, y = batch
+        loss = (model(x) - y).pow(2).mean()
+        return StepOutput(losses=[loss], batch_size=x.shape[0], scalars={"loss": loss.detach()})
+
+    def die_if_asked(update: int) -> None:
+        if update == stop_after:
+            raise _Killed
+
+    def save(update: int) -> None:
+        manager.save(update, **parts, data_state=dict(position), config=asdict(config),
+                     extra={"guard": guard.state_dict()})
+
+    metrics = MetricsLogger(workdir / "metrics.jsonl", accelerator=accelerator, total_steps=config.total_steps,
+                            initial_step=step)
+    try:
+        result = run_training_loop(
+            accelerator, batches(), body, [OptimizedModule("model", model, optimizer, scheduler, config.grad_clip,
+                                                           ema, model)],
+            LoopPlan(max_steps=config.total_steps, log_every=1, checkpoint_every=config.checkpoint_every),
+            start_step=step, guard=guard, metrics_log=metrics, save_checkpoint=save, resumed=checkpoint is not None,
+            after_update=die_if_asked)
+        step = result.step
+    except _Killed:
+        metrics.close()
+        step = stop_after
 
     unwrapped = accelerator.unwrap_model(model)
     return {
@@ -198,7 +205,7 @@ def test_resume_without_rng_restore_diverges(tmp_path):
     """Guards the test above against passing vacuously: dropout makes the RNG matter."""
     config = ToyConfig(total_steps=5, checkpoint_every=2)
     straight = _train(tmp_path / "a", config)
-    _train(tmp_path / "b", config, stop_after=2)
+    _train(tmp_path / "b", config, stop_after=3)  # dies before its checkpoint: resumes from step 2
     original_load = CheckpointManager.load
 
     def load_without_rng(self, path, **kwargs):
@@ -643,3 +650,45 @@ def test_two_process_accelerate_launch_saves_rng_per_rank_and_resumes(tmp_path):
     assert second[0]["weights"] != first[0]["weights"]
     # Each rank restored its own RNG: phase 2 continues exactly where phase 1's RNG stood at the save.
     assert [s["draw"] for s in second] == [f["draw"] for f in first]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The loop's non-finite policy (the one both trainers use)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_loop_skips_a_non_finite_batch_without_counting_it(tmp_path):
+    accelerator = make_accelerator(AcceleratorConfig(seed=0, cpu=True))
+    model = nn.Linear(3, 1)
+    optimizer = build_optimizer(model, OptimizerConfig(lr=0.1))
+    scheduler = warmup_scheduler(optimizer, warmup_steps=10)
+    ema = EMA(model, 0.5)
+    guard = NonFiniteGuard(max_consecutive=2)
+    calls, weights_seen, saved = [], [], []
+
+    def body(batch, step):
+        calls.append(step)
+        weights_seen.append(model.weight.detach().clone())
+        loss = model(batch).pow(2).mean()
+        return StepOutput(losses=[loss * float("nan") if len(calls) == 2 else loss], batch_size=batch.shape[0])
+
+    batches = iter(torch.randn(100, 4, 3))
+    metrics = MetricsLogger(tmp_path / "metrics.jsonl", accelerator=accelerator, total_steps=3)
+    result = run_training_loop(accelerator, batches, body, [OptimizedModule("m", model, optimizer, scheduler, None,
+                                                                            ema, model)],
+                               LoopPlan(max_steps=3, log_every=1, checkpoint_every=100), start_step=0, guard=guard,
+                               metrics_log=metrics, save_checkpoint=saved.append, resumed=False)
+    assert result.step == 3 and calls == [0, 1, 1, 2]  # the poisoned batch did not count: step 1 was redone
+    assert torch.equal(weights_seen[1], weights_seen[2])  # ... and changed no weight
+    assert scheduler.last_epoch == 3  # the LR schedule moved once per real update
+    assert saved == [3] and guard.total_skipped == 1
+    assert [r["nonfinite_skipped"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [0, 1, 1]
+
+    poisoned = iter(torch.randn(100, 4, 3))
+    with pytest.raises(NonFiniteLossError):  # too many in a row: the run stops with a clear error
+        run_training_loop(accelerator, poisoned,
+                          lambda b, s: StepOutput(losses=[model(b).sum() * float("nan")], batch_size=4),
+                          [OptimizedModule("m", model, optimizer, scheduler)],
+                          LoopPlan(max_steps=6, log_every=1, checkpoint_every=100), start_step=3, guard=guard,
+                          metrics_log=MetricsLogger(tmp_path / "m2.jsonl", accelerator=accelerator),
+                          save_checkpoint=saved.append, resumed=True)

@@ -3,6 +3,8 @@
 `from tokenizer import EpsVAE, VAE, load_tokenizer` is the public entry point.
 """
 from tokenizer.models import EpsVAE, EpsVAEConfig, VAE, VAEConfig, load_tokenizer
+from tokenizer.objectives import DEFAULT_DECODE_STEPS, OBJECTIVES, TrainingOutputs
 from tokenizer.unet import ADM_PRESETS, ADMConfig, ADMUNet
 
-__all__ = ["ADMConfig", "ADMUNet", "ADM_PRESETS", "EpsVAE", "EpsVAEConfig", "VAE", "VAEConfig", "load_tokenizer"]
+__all__ = ["ADMConfig", "ADMUNet", "ADM_PRESETS", "DEFAULT_DECODE_STEPS", "EpsVAE", "EpsVAEConfig", "OBJECTIVES",
+           "TrainingOutputs", "VAE", "VAEConfig", "load_tokenizer"]

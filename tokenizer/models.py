@@ -8,8 +8,9 @@ A model directory holds `config.json` (the nested config plus `"model_type"` and
     z = model.encode(x)                                   # (B, 8, H/16, W/16)
     x_hat = model.decode(z, steps=3, generator=g)         # (B, 3, H, W) in [-1, 1]
 
-Training code uses the pieces: `encode_posterior` (KL), `velocity(x_t, t, z)` with the rectified-flow math of
-`tokenizer.flow` (Eq. 5-10), and `model.decoder` directly for the baseline VAE.
+Both classes decode with `decode(z, steps=None, generator=None)`; what a model predicts, how its training time
+is drawn and how it decodes belong to its `objective` (`tokenizer.objectives`), so callers never ask which
+class they hold.
 """
 from __future__ import annotations
 
@@ -18,7 +19,6 @@ import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from safetensors import SafetensorError
@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from tokenizer import flow
+from tokenizer.objectives import DEFAULT_DECODE_STEPS, OBJECTIVES, Generators
 from tokenizer.encoder import (ENCODER_PRESETS, DiagonalGaussian, EncoderConfig, build_encoder,
                                multipliers_for_downsample)
 from tokenizer.unet import ADM_PRESETS, CONDITIONING_MODES, ADMConfig, build_adm_unet
@@ -33,8 +34,7 @@ from tokenizer.vae_decoder import VAE_DECODER_PRESETS, VAEDecoderConfig, build_v
 
 FORMAT_VERSION = 1
 CONFIG_NAME, WEIGHTS_NAME, EMA_WEIGHTS_NAME = "config.json", "model.safetensors", "ema.safetensors"
-PARAMETERIZATIONS = ("velocity", "epsilon")
-Generators = torch.Generator | Sequence[torch.Generator] | None  # one for the batch, or one per sample
+PARAMETERIZATIONS = ("velocity", "epsilon")  # the ε-VAE objectives of tokenizer.objectives
 
 
 # ------------------------------------------------------------------------------------------------------ configs
@@ -220,6 +220,10 @@ class _Tokenizer(nn.Module):
     def downsample(self) -> int:
         return self.config.encoder.downsample
 
+    def _check_latents(self, z: torch.Tensor) -> None:
+        if z.ndim != 4 or z.shape[1] != self.latent_channels:
+            raise ValueError(f"decode expects latents (B, {self.latent_channels}, h, w), got {tuple(z.shape)}")
+
     @property
     def latent_channels(self) -> int:
         return self.config.encoder.latent_channels
@@ -300,38 +304,24 @@ class EpsVAE(_Tokenizer):
             raise ValueError(f"got {len(generator)} generators for a batch of {b} latents")
         return torch.stack([torch.randn(shape, generator=g, device=g.device).to(z.device, dtype) for g in generator])
 
-    def decode(self, z: torch.Tensor, steps: int = 3, generator: Generators = None,
-               spacing: str | None = None) -> torch.Tensor:
-        """Latents (B, Z, h, w) -> images (B, 3, h·f, w·f) in [-1, 1].
+    @property
+    def objective(self):
+        return OBJECTIVES[self.config.parameterization]
 
-        Velocity: Euler steps (Eq. 7) over `flow.decode_times(steps, spacing)` (default the config's
-        reversed-log spacing, Eq. 13). Epsilon: ancestral DDPM on the linear-β schedule respaced to `steps`.
-        Wrap in `torch.no_grad()` for inference; the same `generator` seed gives the same images.
+    def decode(self, z: torch.Tensor, steps: int | None = None, generator: Generators = None,
+               spacing: str | None = None) -> torch.Tensor:
+        """Latents (B, Z, h, w) -> images (B, 3, h·f, w·f) in [-1, 1], in `steps` network evaluations.
+
+        `steps` defaults to DEFAULT_DECODE_STEPS (3, the paper's setting). Velocity: Euler steps over the
+        config's reversed-log times (Eq. 13) or `spacing`; epsilon: ancestral DDPM respaced to `steps`. Wrap
+        in `torch.no_grad()` for inference; the same `generator` seed gives the same images.
         """
+        steps = DEFAULT_DECODE_STEPS if steps is None else steps
         if isinstance(steps, bool) or int(steps) != steps or steps < 1:
             raise ValueError(f"decode steps must be an integer >= 1, got {steps!r}")
-        if z.ndim != 4 or z.shape[1] != self.latent_channels:
-            raise ValueError(f"decode expects latents (B, {self.latent_channels}, h, w), got {tuple(z.shape)}")
+        self._check_latents(z)
         noise = self._initial_noise(z, generator)  # (B, 3, H, W)
-        if self.config.parameterization == "velocity":
-            times = flow.decode_times(int(steps), spacing or self.config.time_spacing)
-            x = flow.euler_sample(lambda x_t, t: self.velocity(x_t, t, z), noise, times, self.config.gamma)
-        else:
-            x = self._decode_epsilon(z, noise, int(steps), generator)
-        return x.clamp(-1.0, 1.0)
-
-    def _decode_epsilon(self, z: torch.Tensor, noise: torch.Tensor, steps: int, generator: Generators) -> torch.Tensor:
-        """Table 4 baseline: DDPM ε-prediction, linear β, T = ddpm_num_steps, sampled with `steps` steps."""
-        from generator import diffusion  # imported here: only this baseline needs the DDPM math
-
-        num_steps = self.config.ddpm_num_steps
-        schedule = diffusion.respace(diffusion.linear_beta_schedule(num_steps), str(steps))
-
-        def model_fn(x_t: torch.Tensor, original_steps: torch.Tensor) -> torch.Tensor:
-            return self.velocity(x_t, original_steps.float() / num_steps, z)  # network sees t = step / T
-
-        # Images live in [-1, 1], so x̂_0 is clipped at every step as in ADM's image samplers.
-        return diffusion.ddpm_sample(model_fn, schedule, noise, generator=generator, clip_denoised=True)
+        return self.objective.decode(self, z, noise, int(steps), generator, spacing).clamp(-1.0, 1.0)
 
 
 class VAE(_Tokenizer):
@@ -351,9 +341,20 @@ class VAE(_Tokenizer):
         """`VAE.from_preset("lite", "B", latent_channels=16, downsample=8)`."""
         return cls(_config_from_presets(VAEConfig, VAE_DECODER_PRESETS, encoder, decoder, overrides))
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Latents (B, Z, h, w) -> images (B, 3, h·f, w·f) clamped to [-1, 1]; train on `self.decoder(z)`."""
-        return self.decoder(z).clamp(-1.0, 1.0)
+    @property
+    def objective(self):
+        return OBJECTIVES["reconstruction"]
+
+    def decode(self, z: torch.Tensor, steps: int | None = None, generator: Generators = None) -> torch.Tensor:
+        """Latents (B, Z, h, w) -> images (B, 3, h·f, w·f) clamped to [-1, 1], in one deterministic pass.
+
+        `steps` and `generator` are accepted so every tokenizer decodes with the same call; one pass uses no
+        noise, so they change nothing (`objective.iterative` is False).
+        """
+        if steps is not None and (isinstance(steps, bool) or int(steps) != steps or steps < 1):
+            raise ValueError(f"decode steps must be an integer >= 1, got {steps!r}")
+        self._check_latents(z)
+        return self.objective.decode(self, z, None, 1, generator, None).clamp(-1.0, 1.0)
 
 
 MODEL_TYPES: dict[str, type[_Tokenizer]] = {"eps_vae": EpsVAE, "vae": VAE}
@@ -364,3 +365,19 @@ def load_tokenizer(directory: str | Path, use_ema: bool = False) -> EpsVAE | VAE
     model_type, _ = _read_config(directory, None)
     return MODEL_TYPES[model_type].from_pretrained(directory, use_ema=use_ema)
 
+
+def weights_path(directory: str | Path, use_ema: bool = False) -> Path:
+    """The weights file `load_tokenizer(directory, use_ema)` reads: ema.safetensors when asked and present."""
+    directory = Path(directory)
+    if use_ema and (directory / EMA_WEIGHTS_NAME).is_file():
+        return directory / EMA_WEIGHTS_NAME
+    return directory / WEIGHTS_NAME
+
+
+def weights_fingerprint(directory: str | Path, use_ema: bool = False) -> str:
+    """The sha256 (hex) of those weights: what a latent manifest and a generator record to name the tokenizer
+    their latents came from, and what sampling checks before pairing a generator with a tokenizer."""
+    import hashlib
+
+    with open(weights_path(directory, use_ema), "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()

@@ -1,15 +1,25 @@
-"""Step helpers both trainers share: gradient clipping, the non-finite guard, ADM-style per-time-bucket losses,
-and rank-mean logging values.
+"""The one training loop both trainers run (`run_training_loop`), and its step helpers: gradient clipping, the
+non-finite guard, ADM-style per-time-bucket losses and rank-mean logging values.
+
+A trainer builds its networks (`OptimizedModule`), a batch iterator and a step body that returns one loss per
+network (`StepOutput`); everything between two step bodies (skip, clip, step, EMA, log, checkpoint, clock) is
+here, once. `tests/test_training_kit.py` trains a toy model through it.
 """
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Iterable
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 import torch
+from torch import nn
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
+
+    from pipelines.kit.ema import EMA
+    from pipelines.kit.logging import MetricsLogger
 
 
 
@@ -109,3 +119,160 @@ def mean_over_ranks(accelerator: "Accelerator | None", value: torch.Tensor | flo
     if accelerator is not None and accelerator.num_processes > 1:
         tensor = accelerator.reduce(tensor.to(accelerator.device), reduction="mean")
     return float(tensor.item())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The loop skeleton both trainers run
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class OptimizedModule:
+    """One network the loop updates: its (accelerate-wrapped) module, optimiser, LR schedule and clipping.
+
+    `ema` / `ema_target`: the EMA and the raw module it follows (None: no EMA for this network).
+    """
+
+    name: str
+    module: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    max_grad_norm: float | None = None
+    ema: "EMA | None" = None
+    ema_target: nn.Module | None = None
+
+
+@dataclass
+class StepOutput:
+    """What a trainer's step body hands the loop for one micro-batch.
+
+    losses: one scalar per `OptimizedModule`, in the same order; None leaves that network without gradient this
+    step (e.g. the discriminator before `disc_start`). batch_size: samples this rank saw. scalars: values logged
+    every `log_every` steps as means over ranks (tensors are only read then, so the step has no host sync).
+    log_extra: called on log steps only, for figures that need a collective (per-time-bucket losses).
+    """
+
+    losses: Sequence[torch.Tensor | None]
+    batch_size: int
+    scalars: Mapping[str, torch.Tensor | float] = field(default_factory=dict)
+    log_extra: Callable[[], Mapping[str, float]] | None = None
+
+
+@dataclass(frozen=True)
+class LoopPlan:
+    """When the loop stops, logs and checkpoints (counted in optimiser updates)."""
+
+    max_steps: int
+    log_every: int
+    checkpoint_every: int
+    max_minutes: float | None = None  # also stop (and save) after this much wall time
+
+
+@dataclass
+class LoopResult:
+    step: int
+    stopped_by_clock: bool
+
+
+def run_training_loop(
+    accelerator: "Accelerator",
+    batches: Iterable[Any],
+    step_body: Callable[[Any, int], StepOutput],
+    networks: Sequence[OptimizedModule],
+    plan: LoopPlan,
+    *,
+    start_step: int,
+    guard: NonFiniteGuard,
+    metrics_log: "MetricsLogger",
+    save_checkpoint: Callable[[int], Any],
+    resumed: bool,
+    after_update: Callable[[int], None] | None = None,
+    throughput_name: str = "samples_per_s",
+) -> LoopResult:
+    """Run `step_body` on micro-batches until `plan.max_steps` optimiser updates (or the clock) are reached.
+
+    Per micro-batch, inside `accelerator.accumulate` over every network:
+      1. `step_body(batch, step)` runs the forward passes and returns one loss per network;
+      2. non-finite policy (both trainers): if any loss is nan/inf on any rank, the micro-batch is skipped on
+         every rank: no backward, no optimiser step, the accumulation window's partial gradients are dropped,
+         and nothing is counted: the LR schedules, the EMA and the step counter move only on real updates. Too
+         many skips in a row raise `NonFiniteLossError` (`NonFiniteGuard`);
+      3. backward of each loss, gradient clipping when the window is complete, optimiser steps.
+    Per optimiser update: LR schedules, EMAs, step + 1, the crash-injection point, `after_update(step)` (image
+    grids), the log record, checkpoints every `checkpoint_every` and at the end, and the wall-clock budget
+    (ranks stop together). The last state is always checkpointed, so a finished or stopped run resumes exactly.
+
+    Logged every `log_every` updates: the body's scalars, `grad_norm` (`grad_norm_<name>` with several networks,
+    before clipping), `lr` (of the first network), `steps_per_s`, `<throughput_name>` (samples of all ranks per
+    second) and `nonfinite_skipped`.
+    """
+    from pipelines.kit.faults import fault_point
+    from pipelines.kit.run import any_rank
+
+    modules = [network.module for network in networks]
+    step = start_step
+    started = time.monotonic()
+    window_start, window_samples, window_steps = time.monotonic(), 0, 0
+    last_checkpoint_step = step if resumed else -1
+    grad_norms = {network.name: 0.0 for network in networks}
+    stopped_by_clock = False
+    batch_iterator = iter(batches)
+    while step < plan.max_steps:
+        batch = next(batch_iterator)
+        with accelerator.accumulate(*modules):
+            output = step_body(batch, step)
+            if len(output.losses) != len(networks):
+                raise ValueError(f"step body returned {len(output.losses)} losses for {len(networks)} networks")
+            present = [loss for loss in output.losses if loss is not None]
+            if guard.skip(torch.stack([loss.detach().float().reshape(()) for loss in present])):
+                for network in networks:
+                    network.optimizer.zero_grad(set_to_none=True)
+                continue
+            for loss in present:
+                accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                for network, loss in zip(networks, output.losses):
+                    if loss is not None:
+                        grad_norms[network.name] = clip_gradients(accelerator, network.module.parameters(),
+                                                                  network.max_grad_norm)
+            for network in networks:
+                network.optimizer.step()
+                network.optimizer.zero_grad(set_to_none=True)
+        window_samples += output.batch_size * accelerator.num_processes
+        if not accelerator.sync_gradients:
+            continue
+        for network in networks:
+            network.scheduler.step()
+            if network.ema is not None:
+                network.ema.update(network.ema_target)
+        step += 1
+        window_steps += 1
+        fault_point("train_step")
+        metrics_log.advance()
+        if after_update is not None:
+            after_update(step)
+        if step % plan.log_every == 0 or step == plan.max_steps:
+            elapsed = max(time.monotonic() - window_start, 1e-9)
+            record = {name: mean_over_ranks(accelerator, value) for name, value in output.scalars.items()}
+            if len(networks) == 1:
+                record["grad_norm"] = grad_norms[networks[0].name]
+            else:
+                record.update({f"grad_norm_{name}": norm for name, norm in grad_norms.items()})
+            record["lr"] = networks[0].scheduler.get_last_lr()[0]
+            record.update({"steps_per_s": window_steps / elapsed, throughput_name: window_samples / elapsed,
+                           "nonfinite_skipped": guard.total_skipped})
+            if output.log_extra is not None:
+                record.update(output.log_extra())
+            metrics_log.log(step, record)
+            window_start, window_samples, window_steps = time.monotonic(), 0, 0
+        out_of_time = plan.max_minutes is not None and (time.monotonic() - started) / 60 >= plan.max_minutes
+        stopped_by_clock = any_rank(accelerator, out_of_time)
+        if step % plan.checkpoint_every == 0 or step >= plan.max_steps or stopped_by_clock:
+            save_checkpoint(step)
+            last_checkpoint_step = step
+        if stopped_by_clock:
+            break
+    if last_checkpoint_step != step:
+        save_checkpoint(step)
+    metrics_log.close()
+    return LoopResult(step=step, stopped_by_clock=stopped_by_clock)
