@@ -175,15 +175,14 @@ def _load_grid_tokenizer(config: GeneratorTrainConfig, manifest: dict[str, Any],
     """The decoder for sample grids, checked against the manifest; None when no tokenizer is given."""
     if config.tokenizer is None:
         return None
-    from pipelines.cache_latents import tokenizer_weights_path
-    from data.latent_shards import file_sha256
     from tokenizer import load_tokenizer
+    from tokenizer.models import weights_fingerprint
 
     tokenizer = load_tokenizer(config.tokenizer)
     if tokenizer.latent_channels != manifest["latent_shape"][0]:
         raise ValueError(f"tokenizer {config.tokenizer} has {tokenizer.latent_channels} latent channels, the shards "
                          f"have {manifest['latent_shape'][0]}")
-    if file_sha256(str(tokenizer_weights_path(config.tokenizer, False))) != manifest["tokenizer"]["weights_sha256"]:
+    if weights_fingerprint(config.tokenizer) != manifest["tokenizer"]["weights_sha256"]:
         logger.warning("tokenizer %s is not the one that encoded %s (weights hash differs): grids may look wrong",
                        config.tokenizer, config.shards)
     return tokenizer.to(device).eval().requires_grad_(False)

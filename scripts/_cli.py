@@ -188,3 +188,20 @@ def collect_overrides(namespace: argparse.Namespace, flags: dict[str, tuple[type
     """The override flags the user actually gave."""
     return {name: getattr(namespace, "override_" + name) for name in flags
             if getattr(namespace, "override_" + name, None) is not None}
+
+
+def training_parser(description: str, config_class: type, choices: dict[str, Sequence[str]],
+                    override_flags: dict[str, tuple[type, str]], override_title: str) -> ArgumentParser:
+    """A trainer's parser: one flag per config field (precision choices from the one registry) plus the model
+    override flags collected into `model_overrides`."""
+    from pipelines.kit.precision import PRECISIONS
+
+    parser = ArgumentParser(description=description)
+    add_config_arguments(parser, config_class, choices={"precision": list(PRECISIONS), **choices})
+    add_override_arguments(parser, override_flags, override_title)
+    return parser
+
+
+def training_config(config_class: type, namespace: argparse.Namespace, override_flags: dict[str, tuple[type, str]]):
+    """The trainer's config from its parsed flags, the model overrides included."""
+    return config_from_arguments(config_class, namespace, model_overrides=collect_overrides(namespace, override_flags))

@@ -18,7 +18,8 @@ from _cli import ArgumentParser, positive_int, run_main
 
 def build_parser() -> ArgumentParser:
     from generator.dit import DiT_models
-    from pipelines.experiments.throughput import COMPRESSIONS, PRECISION_DTYPES, TOKENIZER_KINDS, ThroughputConfig
+    from pipelines.experiments.throughput import COMPRESSIONS, TOKENIZER_KINDS, ThroughputConfig
+    from pipelines.kit.precision import PRECISIONS
     from pipelines.experiments.tokenizer_studies import PROFILES, STUDIES
 
     defaults = ThroughputConfig()
@@ -28,7 +29,7 @@ def build_parser() -> ArgumentParser:
     throughput.add_argument("--dit", default=defaults.dit, choices=list(DiT_models))
     throughput.add_argument("--batch-size", type=positive_int, default=defaults.batch_size)
     throughput.add_argument("--precision", nargs="+", dest="precisions", default=list(defaults.precisions),
-                            choices=list(PRECISION_DTYPES), help="fp32 and/or bf16 (autocast)")
+                            choices=list(PRECISIONS), help="one or more precisions (autocast dtypes) to time")
     throughput.add_argument("--compression", nargs="+", dest="compressions", default=list(defaults.compressions),
                             choices=list(COMPRESSIONS))
     throughput.add_argument("--tokenizer", nargs="+", dest="tokenizers", default=list(defaults.tokenizers),

@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import sys
 
-from _cli import (ArgumentParser, add_config_arguments, add_override_arguments, collect_overrides,
-                           config_from_arguments, run_main)
+from _cli import ArgumentParser, run_main, training_config, training_parser
 
 MODEL_OVERRIDE_FLAGS = {
     # flag: (type, help) — collected into GeneratorTrainConfig.model_overrides
@@ -30,19 +29,15 @@ def build_parser() -> ArgumentParser:
     from generator import DiT_models
     from pipelines.train_generator import GeneratorTrainConfig
 
-    parser = ArgumentParser(description=__doc__.splitlines()[0])
-    add_config_arguments(parser, GeneratorTrainConfig, choices={
-        "model": list(DiT_models), "precision": ["no", "bf16", "fp16"], "on_bad_shard": ["raise", "skip"]})
-    add_override_arguments(parser, MODEL_OVERRIDE_FLAGS, "model overrides (applied on top of the DiT preset)")
-    return parser
+    return training_parser(__doc__.splitlines()[0], GeneratorTrainConfig,
+                           {"model": list(DiT_models), "on_bad_shard": ["raise", "skip"]},
+                           MODEL_OVERRIDE_FLAGS, "model overrides (applied on top of the DiT preset)")
 
 
 def main(argv=None) -> None:
     from pipelines.train_generator import GeneratorTrainConfig, train_generator
 
-    args = build_parser().parse_args(argv)
-    overrides = collect_overrides(args, MODEL_OVERRIDE_FLAGS)
-    config = config_from_arguments(GeneratorTrainConfig, args, model_overrides=overrides)
+    config = training_config(GeneratorTrainConfig, build_parser().parse_args(argv), MODEL_OVERRIDE_FLAGS)
     result = train_generator(config)
     print(f"DiT ({result.num_parameters:,} parameters) saved to {result.model_dir} at step {result.step}")
 

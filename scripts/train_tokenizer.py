@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import sys
 
-from _cli import (ArgumentParser, add_config_arguments, add_override_arguments, collect_overrides,
-                           config_from_arguments, run_main)
+from _cli import ArgumentParser, run_main, training_config, training_parser
 
 MODEL_OVERRIDE_FLAGS = {
     # flag: (type, help) — collected into TokenizerTrainConfig.model_overrides
@@ -34,20 +33,16 @@ def build_parser() -> ArgumentParser:
     from pipelines.train_tokenizer import TokenizerTrainConfig
     from tokenizer.perceptual import PERCEPTUAL_NETWORKS
 
-    parser = ArgumentParser(description=__doc__.splitlines()[0])
-    add_config_arguments(parser, TokenizerTrainConfig, choices={
-        "model_type": ["eps_vae", "vae"], "perceptual": sorted(PERCEPTUAL_NETWORKS),
-        "precision": ["no", "bf16", "fp16"], "reconstruction": ["l1", "l2"]})
-    add_override_arguments(parser, MODEL_OVERRIDE_FLAGS, "model overrides (applied on top of the presets)")
-    return parser
+    return training_parser(__doc__.splitlines()[0], TokenizerTrainConfig,
+                           {"model_type": ["eps_vae", "vae"], "perceptual": sorted(PERCEPTUAL_NETWORKS),
+                            "reconstruction": ["l1", "l2"]},
+                           MODEL_OVERRIDE_FLAGS, "model overrides (applied on top of the presets)")
 
 
 def main(argv=None) -> None:
     from pipelines.train_tokenizer import TokenizerTrainConfig, train_tokenizer
 
-    args = build_parser().parse_args(argv)
-    overrides = collect_overrides(args, MODEL_OVERRIDE_FLAGS)
-    config = config_from_arguments(TokenizerTrainConfig, args, model_overrides=overrides)
+    config = training_config(TokenizerTrainConfig, build_parser().parse_args(argv), MODEL_OVERRIDE_FLAGS)
     final_dir = train_tokenizer(config)
     print(f"tokenizer saved to {final_dir}")
 

@@ -8,6 +8,7 @@ import torch
 
 from pipelines.experiments.throughput import ThroughputConfig, build_tokenizers, count_flops, speedups
 from _cli import run_main
+from tokenizer.nn import count_parameters
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
 
@@ -58,8 +59,8 @@ def test_full_size_models_are_the_papers():
     with torch.device("meta"):
         models = build_tokenizers(ThroughputConfig(), "16x")
         assert models["eps-vae"].downsample == 16 and models["vae"].downsample == 16
-        eps_params = sum(p.numel() for p in models["eps-vae"].decoder.parameters())
-        vae_params = sum(p.numel() for p in models["vae"].decoder.parameters())
+        eps_params = count_parameters(models["eps-vae"].decoder)
+        vae_params = count_parameters(models["vae"].decoder)
         assert abs(eps_params / 1e6 - 49.33) < 1.0
         assert 0.5 < vae_params / eps_params < 2.0
         assert build_tokenizers(ThroughputConfig(tokenizers=("vae",)), "8x")["vae"].downsample == 8

@@ -4,7 +4,7 @@ import json
 import pytest
 from PIL import Image
 
-from pipelines.experiments.demo import run_demo
+from pipelines.experiments.demo import RECON_STEPS, run_demo
 from support import boxes_overlap
 
 
@@ -15,8 +15,9 @@ def test_tiny_demo_produces_every_artifact(tmp_path, capsys):
 
     written = json.loads((out / "metrics.json").read_text())
     assert written == json.loads(json.dumps(metrics))
-    for key in ("psnr_1step", "psnr_3step", "ssim_1step", "ssim_3step", "rfd_1step", "rfd_3step"):
-        assert isinstance(written["reconstruction"][key], float)
+    for steps in RECON_STEPS:  # 1 and DEFAULT_DECODE_STEPS
+        for metric in ("psnr", "ssim", "rfd"):
+            assert isinstance(written["reconstruction"][f"{metric}_{steps}step"], float)
     for key in ("fd", "fd_floor", "fd_ceiling"):
         assert written["generation"][key] >= 0
     assert set(written["stage_seconds"]) == {"data", "tokenizer", "cache", "generator", "samples", "evaluate"}

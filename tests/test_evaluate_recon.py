@@ -62,6 +62,7 @@ def test_recon_baseline_vae_has_one_row_per_resolution(tiny_dirs):
         tokenizer=str(tiny_dirs / "vae"), resolution=32, features="effnet-l0", perceptual="none",
         num_images=3, batch_size=3, num_workers=0))
     assert [(r.resolution, r.decode_steps) for r in report.rows] == [(32, None), (64, None)]
+    assert report.model_type == "vae"
 
 
 @pytest.mark.parametrize("argv,needle", [

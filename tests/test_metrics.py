@@ -13,6 +13,7 @@ from pipelines.kit.metrics import (
     build_feature_extractor,
     compute_statistics,
     frechet_distance,
+    frechet_distance_of_features,
     inception_score,
     load_statistics,
     precision_recall,
@@ -116,6 +117,40 @@ def test_frechet_distance_of_a_set_with_itself_is_zero():
 def test_frechet_distance_rejects_mismatched_statistics():
     with pytest.raises(ValueError, match="do not match"):
         frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
+
+
+@pytest.mark.parametrize("n_x, n_y, dim", [(12, 9, 40), (39, 5, 40), (60, 50, 16), (30, 50, 40)])
+def test_feature_frechet_distance_agrees_with_the_statistics_formula(n_x, n_y, dim):
+    """Both paths of frechet_distance_of_features: low rank (both sets have fewer vectors than dimensions)
+    and full (statistics, eigh), against each other and against scipy's matrix square root."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(n_x, dim))
+    y = 1.5 * rng.normal(size=(n_y, dim)) + 0.3
+    first, second = FeatureStats.from_batches([x[:4], x[4:]]), FeatureStats.from_batches([y])
+    assert (first.rows is not None and second.rows is not None) == (max(n_x, n_y) < dim)  # which path runs
+    statistics = (*compute_statistics([x]), *compute_statistics([y]))
+    expected = frechet_distance(*statistics)
+    assert frechet_distance_of_features(first, second) == pytest.approx(expected, rel=1e-7)
+    assert frechet_distance_of_features(first, second) == pytest.approx(_reference_frechet(*statistics), rel=1e-6)
+    assert frechet_distance_of_features(first, first) == pytest.approx(0.0, abs=1e-8)
+
+
+def test_feature_stats_keep_rows_only_below_the_dimension():
+    rng = np.random.default_rng(4)
+    features = rng.normal(size=(10, 6))
+    stats = FeatureStats.from_batches([features[:3], torch.from_numpy(features[3:4])])
+    np.testing.assert_array_equal(stats.rows, features[:4])
+    stats.merge(FeatureStats.from_batches([features[4:5]]))
+    np.testing.assert_array_equal(stats.rows, features[:5])
+    stats.update(features[5:6])
+    assert stats.count == 6 and stats.rows is None  # as many vectors as dimensions: the sums suffice
+    stats.update(features[6:])
+    assert stats.rows is None
+    reduced = FeatureStats.from_batches([features[:2]])
+    reduced.count = 4  # what an all-reduce of the sums across ranks leaves: rows no longer match the count
+    assert reduced.rows is None
+    with pytest.raises(ValueError, match="at least 2"):
+        frechet_distance_of_features(FeatureStats.from_batches([features[:1]]), stats)
 
 
 def test_streaming_statistics_equal_numpy_in_float64():

@@ -21,7 +21,10 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from tokenizer import DEFAULT_DECODE_STEPS
+
 STAGES = ("data", "tokenizer", "cache", "generator", "samples", "evaluate", "report")
+RECON_STEPS = (1, DEFAULT_DECODE_STEPS)  # reconstructions are shown after one decode step and after the default
 
 
 @dataclass(frozen=True)
@@ -72,7 +75,7 @@ class DemoProfile:
     grid_per_class: int = 4
     fd_images: int = 128  # per set: generated, each real half, untrained
     ddpm_steps: int = 250
-    decode_steps: int = 3
+    decode_steps: int = DEFAULT_DECODE_STEPS
     batch_size: int = 64
     seed: int = 0
 
@@ -153,16 +156,17 @@ def generate_images(pipeline, labels: torch.Tensor, seeds: list[int], profile: D
     return np.concatenate(images)
 
 
-def _features(extractor, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _features(extractor, images: np.ndarray):
+    """The FeatureStats of uint8 images (N, H, W, 3), extracted 64 at a time."""
     from pipelines.kit.metrics import FeatureStats
 
-    stats = None
-    for start in range(0, len(images), 64):
-        batch = torch.from_numpy(images[start:start + 64]).permute(0, 3, 1, 2).contiguous()
-        pool = extractor(batch)["pool"]
-        stats = stats or FeatureStats(pool.shape[1])
-        stats.update(pool)
-    return stats.mean_cov()
+    return FeatureStats.from_batches(
+        extractor(torch.from_numpy(images[start:start + 64]).permute(0, 3, 1, 2).contiguous())["pool"]
+        for start in range(0, len(images), 64))
+
+
+def _steps_label(steps: int) -> str:
+    return f"{steps} step" + ("" if steps == 1 else "s")
 
 
 def _save_grid(images: np.ndarray, rows: int, path: Path, row_labels: list[str] | None = None,
@@ -295,31 +299,31 @@ def run_demo(out_dir: str | Path = "runs/demo", profile_name: str = "default", f
 
 def evaluate_demo(out: Path, profile: DemoProfile, tokenizer_dir: str, load_pipeline, class_names) -> dict[str, Any]:
     from generator.dit import DiT
+    from pipelines.evaluate import ReconstructionEvalConfig, evaluate_reconstruction
+    from pipelines.kit.metrics import build_feature_extractor, frechet_distance_of_features, to_uint8
+    from pipelines.kit.reconstruction import DecodeSetting, reconstruct
     from pipelines.sample import GenerationPipeline
-    from pipelines.evaluate import ReconstructionEvalConfig, evaluate_reconstruction, reconstruct
-    from pipelines.kit.metrics import build_feature_extractor, frechet_distance, to_uint8
 
     recon_report = evaluate_reconstruction(ReconstructionEvalConfig(
         tokenizer=tokenizer_dir, data="offline", split="val", resolution=profile.resolution,
-        resolution_multipliers=(1,), decode_steps=(1, 3), features="effnet-l0", perceptual="none",
+        resolution_multipliers=(1,), decode_steps=RECON_STEPS, features="effnet-l0", perceptual="none",
         batch_size=profile.batch_size, num_workers=0, seed=profile.seed, num_images=profile.fd_images,
         output=str(out / "eval" / "reconstruction.json")))
-    by_steps = {row.decode_steps: row for row in recon_report.rows}
-    reconstruction = {"psnr_1step": by_steps[1].psnr, "psnr_3step": by_steps[3].psnr,
-                      "ssim_1step": by_steps[1].ssim, "ssim_3step": by_steps[3].ssim,
-                      "rfd_1step": by_steps[1].rfd, "rfd_3step": by_steps[3].rfd,
-                      "num_images": by_steps[1].num_images}
+    reconstruction = {f"{metric}_{row.decode_steps}step": getattr(row, metric)
+                      for row in recon_report.rows for metric in ("psnr", "ssim", "rfd")}
+    reconstruction["num_images"] = recon_report.rows[0].num_images
 
     pipeline = load_pipeline()
     tokenizer = pipeline.tokenizer
     val = _offline("val", profile)
-    # recon.png: one validation crop per class, input | 1-step | 3-step.
+    # recon.png: one validation crop per class, input | 1-step | default-step reconstruction.
     per_class = [next(i for i in range(len(val)) if val[i][1] == c) for c in range(len(class_names))]
     inputs = torch.stack([val[i][0] for i in per_class])  # (K, 3, H, W)
-    columns = [inputs] + [reconstruct(tokenizer, inputs, steps, 0, profile.seed) for steps in (1, 3)]
+    columns = [inputs] + [reconstruct(tokenizer, inputs, DecodeSetting(steps), 0, profile.seed)
+                          for steps in RECON_STEPS]
     recon_grid = torch.stack(columns, 1).flatten(0, 1)
     _save_grid(to_uint8(recon_grid).permute(0, 2, 3, 1).numpy(), len(per_class), out / "recon.png",
-               row_labels=class_names, column_labels=["input", "1 step", "3 steps"])
+               row_labels=class_names, column_labels=["input", *(_steps_label(steps) for steps in RECON_STEPS)])
 
     # Real halves by tile parity: the two halves share no pixels (like generated images and the real ones),
     # and the round-robin crop layout gives both about the same share of every class.
@@ -337,14 +341,15 @@ def evaluate_demo(out: Path, profile: DemoProfile, tokenizer_dir: str, load_pipe
 
     extractor = build_feature_extractor("effnet-l0")
     stats_a = _features(extractor, real_a)
-    fd = frechet_distance(*stats_a, *_features(extractor, generated))
-    floor = frechet_distance(*stats_a, *_features(extractor, real_b))
-    ceiling = frechet_distance(*stats_a, *_features(extractor, untrained))
+    fd = frechet_distance_of_features(stats_a, _features(extractor, generated))
+    floor = frechet_distance_of_features(stats_a, _features(extractor, real_b))
+    ceiling = frechet_distance_of_features(stats_a, _features(extractor, untrained))
     _save_grid(generated[: len(class_names) * 4], 4, out / "eval" / "generated_examples.png")
     generation = {"fd": fd, "fd_floor": floor, "fd_ceiling": ceiling, "num_images": int(n),
                   "closer_to_floor": bool(fd < (floor + ceiling) / 2), "metric": "FD-EffNetL0"}
     return {"reconstruction": reconstruction, "generation": generation,
-            "summary": f"rFD {reconstruction['rfd_3step']:.1f} (3 steps), generated FD {fd:.1f} "
+            "summary": f"rFD {reconstruction[f'rfd_{DEFAULT_DECODE_STEPS}step']:.1f} "
+                       f"({_steps_label(DEFAULT_DECODE_STEPS)}), generated FD {fd:.1f} "
                        f"vs floor {floor:.1f} / ceiling {ceiling:.1f}"}
 
 
@@ -381,6 +386,8 @@ def write_report(out: Path, metrics: dict[str, Any], profile: DemoProfile) -> No
     verdict = "closer to the floor than to the ceiling" if gen["fd"] < midpoint else \
         "NOT closer to the floor than to the ceiling"
     stage_rows = "\n".join(f"| {name} | {seconds:.0f} |" for name, seconds in metrics["stage_seconds"].items())
+    recon_rows = "\n".join(f"| {steps} | {rec[f'psnr_{steps}step']:.2f} | {rec[f'ssim_{steps}step']:.4f} | "
+                           f"{rec[f'rfd_{steps}step']:.2f} |" for steps in dict.fromkeys(RECON_STEPS))
     text = f"""# ε-VAE + DiT offline demo
 
 Profile `{metrics['profile']}`: {profile.resolution}² crops of the bundled photos, ε-VAE with {profile.downsample}×
@@ -394,10 +401,9 @@ Distances are Fréchet distances in EfficientNet-Lite0 feature space (**FD-EffNe
 
 | decode steps | PSNR ↑ | SSIM ↑ | rFD-EffNetL0 ↓ |
 |---|---|---|---|
-| 1 | {rec['psnr_1step']:.2f} | {rec['ssim_1step']:.4f} | {rec['rfd_1step']:.2f} |
-| 3 | {rec['psnr_3step']:.2f} | {rec['ssim_3step']:.4f} | {rec['rfd_3step']:.2f} |
+{recon_rows}
 
-![input | 1 step | 3 steps](recon.png)
+![input | {' | '.join(_steps_label(steps) for steps in RECON_STEPS)}](recon.png)
 
 ## Generation ({gen['num_images']} images per set, against half A of the validation crops)
 

@@ -24,17 +24,20 @@ import json
 import platform
 import statistics
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
+from pipelines.kit.precision import PRECISIONS, autocast, autocast_dtype, pick_device
+from pipelines.kit.reconstruction import synchronize
+from tokenizer import DEFAULT_DECODE_STEPS
+from tokenizer.nn import count_parameters
+
 # compression name → (encoder preset, downsample) at full size; the quick variant uses the tiny encoder.
 COMPRESSIONS: dict[str, tuple[str, int]] = {"8x": ("sd", 8), "16x": ("sd-f16", 16)}
 TOKENIZER_KINDS = ("eps-vae", "vae")
-PRECISION_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16}
 QUICK_DIT = dict(hidden_size=64, depth=2, num_heads=2)
 
 
@@ -48,7 +51,7 @@ class ThroughputConfig:
     timed_steps: int = 2  # DiT forwards timed (after one warm-up); the 250-step figure is extrapolated
     ddpm_steps: int = 250
     decode_steps: tuple[int, ...] = (1, 2, 3)
-    default_decode_steps: int = 3  # used in the whole-pipeline figure
+    default_decode_steps: int = DEFAULT_DECODE_STEPS  # used in the whole-pipeline figure
     image_size: int = 256
     decoder: str = "M"  # ε-VAE decoder preset (Table 5)
     num_classes: int = 1000
@@ -61,7 +64,7 @@ class ThroughputConfig:
     def __post_init__(self) -> None:
         for name in ("precisions", "compressions", "tokenizers", "decode_steps"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
-        for name, allowed in (("precisions", PRECISION_DTYPES), ("compressions", COMPRESSIONS),
+        for name, allowed in (("precisions", PRECISIONS), ("compressions", COMPRESSIONS),
                               ("tokenizers", TOKENIZER_KINDS)):
             unknown = [v for v in getattr(self, name) if v not in allowed]
             if unknown or not getattr(self, name):
@@ -76,33 +79,23 @@ class ThroughputConfig:
 # ---------------------------------------------------------------------------------------------------- timing
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_call(fn: Callable[[], Any], device: torch.device, repeats: int = 1, warmup: int = 1) -> float:
     """Median wall seconds of `fn()` over `repeats` calls after `warmup` untimed ones."""
     for _ in range(warmup):
         fn()
-    _synchronize(device)
+    synchronize(device)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
-        _synchronize(device)
+        synchronize(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
 
-def _autocast(device: torch.device, precision: str):
-    dtype = PRECISION_DTYPES[precision]
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
-
-
 def matmul_gflops(size: int, device: torch.device, precision: str = "fp32", repeats: int = 3) -> float:
     """The machine's dense matmul rate: 2·n³ FLOPs of an n×n @ n×n product, in GFLOP/s."""
-    dtype = PRECISION_DTYPES[precision] or torch.float32
+    dtype = autocast_dtype(precision) or torch.float32
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     seconds = time_call(lambda: a @ b, device, repeats=repeats, warmup=1)
@@ -122,10 +115,6 @@ def count_flops(fn: Callable[[], Any]) -> int:
 # ---------------------------------------------------------------------------------------------------- models
 
 
-def _num_params(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
 def build_tokenizers(config: ThroughputConfig, compression: str) -> dict[str, torch.nn.Module]:
     """ε-VAE (decoder preset `config.decoder`) and the VAE with the closest-sized baseline decoder."""
     from tokenizer import EpsVAE, VAE
@@ -141,10 +130,10 @@ def build_tokenizers(config: ThroughputConfig, compression: str) -> dict[str, to
     if "eps-vae" in config.tokenizers:
         models["eps-vae"] = EpsVAE.from_preset(encoder, decoder, **overrides)
     if "vae" in config.tokenizers:
-        target = _num_params(EpsVAE.from_preset(encoder, decoder, **overrides).decoder) \
-            if "eps-vae" not in models else _num_params(models["eps-vae"].decoder)
+        target = count_parameters(EpsVAE.from_preset(encoder, decoder, **overrides).decoder) \
+            if "eps-vae" not in models else count_parameters(models["eps-vae"].decoder)
         with torch.device("meta"):  # sizes only: pick the decoder preset of comparable parameter count
-            sizes = {k: _num_params(VAE.from_preset(encoder, k, **overrides).decoder) for k in vae_choices}
+            sizes = {k: count_parameters(VAE.from_preset(encoder, k, **overrides).decoder) for k in vae_choices}
         closest = min(sizes, key=lambda k: abs(sizes[k] - target))
         models["vae"] = VAE.from_preset(encoder, closest, **overrides)
     return models
@@ -174,7 +163,7 @@ def benchmark_throughput(config: ThroughputConfig) -> dict[str, Any]:
 
 
 def _benchmark(config: ThroughputConfig) -> dict[str, Any]:
-    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = pick_device(config.device)
     image_size = 32 if config.quick else config.image_size
     matmul_size = 256 if config.quick else config.matmul_size
     batch = config.batch_size
@@ -196,34 +185,33 @@ def _benchmark(config: ThroughputConfig) -> dict[str, Any]:
         y = torch.zeros(batch, device=device, dtype=torch.int64)
         dit_flops = count_flops(lambda: dit(z, t, y))
         for precision in config.precisions:
-            with _autocast(device, precision):
+            with autocast(device, precision):
                 dit_step = time_call(lambda: dit(z, t, y), device, repeats=config.timed_steps, warmup=1)
             for kind, tokenizer in tokenizers.items():
                 tokenizer.to(device).eval()
                 decode: dict[str, float] = {}
-                with _autocast(device, precision):
-                    if kind == "eps-vae":
-                        steps_list = sorted(set(config.decode_steps) | {config.default_decode_steps})
-                        tokenizer.decode(z, steps=1)  # warm-up
-                        for steps in steps_list:
-                            decode[str(steps)] = time_call(lambda: tokenizer.decode(z, steps=steps), device, warmup=0)
-                        pipeline_decode = decode[str(config.default_decode_steps)]
-                    else:
-                        decode["1"] = time_call(lambda: tokenizer.decode(z), device)
-                        pipeline_decode = decode["1"]
+                with autocast(device, precision):
+                    # A single-pass decoder (the VAE) is timed once: its step count changes nothing.
+                    iterative = tokenizer.objective.iterative
+                    pipeline_steps = config.default_decode_steps if iterative else 1
+                    steps_list = sorted(set(config.decode_steps) | {pipeline_steps}) if iterative else [1]
+                    tokenizer.decode(z, steps=1)  # warm-up
+                    for steps in steps_list:
+                        decode[str(steps)] = time_call(lambda: tokenizer.decode(z, steps=steps), device, warmup=0)
+                    pipeline_decode = decode[str(pipeline_steps)]
                     encode = time_call(lambda: tokenizer.encode(x, sample=False), device)
                 tokenizer.to("cpu")
                 seconds = config.ddpm_steps * dit_step + pipeline_decode
                 rows.append({
                     "compression": compression, "downsample": downsample,
                     "latent_shape": [channels, latent_size, latent_size], "tokens": dit.config.num_patches,
-                    "tokenizer": kind, "decoder_params_m": _num_params(tokenizer.decoder) / 1e6,
+                    "tokenizer": kind, "decoder_params_m": count_parameters(tokenizer.decoder) / 1e6,
                     "decoder_preset": tokenizer.config.decoder_preset, "precision": precision,
                     "batch_size": batch, "dit_step_s": dit_step, "dit_gflop_per_forward": dit_flops / 1e9,
                     "dit_achieved_gflops": dit_flops / dit_step / 1e9,
                     "dit_matmul_fraction": dit_flops / dit_step / 1e9 / machine["matmul_gflops"][precision],
                     "decode_s": decode, "encode_s": encode,
-                    "pipeline_decode_steps": config.default_decode_steps if kind == "eps-vae" else None,
+                    "pipeline_decode_steps": pipeline_steps if iterative else None,
                     "pipeline_s_per_batch": seconds, "pipeline_images_per_s": batch / seconds,
                     "extrapolated_from_steps": config.timed_steps,
                 })
@@ -235,7 +223,7 @@ def _benchmark(config: ThroughputConfig) -> dict[str, Any]:
               "note": f"pipeline images/s = batch / ({config.ddpm_steps} × DiT step + decode): DiT time "
                       f"extrapolated from {config.timed_steps} timed steps"}
     with torch.device("meta"):
-        report["dit_params_m"] = _num_params(build_dit(config, 4, image_size // 8)) / 1e6
+        report["dit_params_m"] = count_parameters(build_dit(config, 4, image_size // 8)) / 1e6
     if config.out:
         write_report(report, Path(config.out))
     return report

@@ -27,7 +27,6 @@ import dataclasses
 import json
 import math
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -35,8 +34,12 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from pipelines.kit.metrics import FeatureStats
+from pipelines.kit.reconstruction import DecodeSetting, evaluate_reconstructions
+from tokenizer import DEFAULT_DECODE_STEPS
 from tokenizer.encoder import ENCODER_PRESETS, EncoderConfig, multipliers_for_downsample
 from tokenizer.models import EpsVAEConfig, VAEConfig
+from tokenizer.nn import count_parameters
 from tokenizer.unet import ADM_PRESETS, ADMConfig
 from tokenizer.vae_decoder import VAE_DECODER_PRESETS, VAEDecoderConfig
 
@@ -75,7 +78,7 @@ class StudyProfile:
     eval_images: int | None = 64  # balanced across classes; None = the whole validation split
     eval_batch: int = 32
     feature_size: int = 224  # EffNet-L0 input side for the FD (224 = its ImageNet size; micro shrinks it)
-    decode_steps: int = 3  # headline NFE of ε-VAE rows (the paper's final setting, Table 4 (g))
+    decode_steps: int = DEFAULT_DECODE_STEPS  # headline NFE of ε-VAE rows (the paper's final setting, Table 4 (g))
     ladder_nfes: tuple[int, ...] = (1, 2, 3, 5, 10)
     ladder_rows: tuple[str, ...] | None = None  # None = all rows of LADDER
     saturation_tolerance: float = 0.05  # NFE where rFD is within 5% of the row's best (Table 4's NFE column)
@@ -329,29 +332,6 @@ def relative_improvement(reference: float, value: float) -> float:
     return (reference - value) / reference if reference else float("nan")
 
 
-def frechet_distance_of_features(x: np.ndarray, y: np.ndarray) -> float:
-    """FD between two feature sets (N, D), exact. With fewer samples than dimensions (the CPU profiles: tens of
-    images, D = 1280) the covariances have rank < N, and tr((Σx Σy)^½) is the nuclear norm of the small
-    (Nx, Ny) matrix Ax·Ayᵀ, where Σ = AᵀA and A = centred features / √(N − 1): the nonzero eigenvalues of
-    AxᵀAx·AyᵀAy are those of (AxAyᵀ)(AxAyᵀ)ᵀ. That avoids two 1280² eigendecompositions per evaluation."""
-    from pipelines.kit.metrics import FeatureStats, frechet_distance
-
-    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-    if min(len(x), len(y)) < 2 or x.shape[1] != y.shape[1]:
-        raise ValueError(f"need two feature sets (N >= 2, same D), got {x.shape} and {y.shape}")
-    if max(len(x), len(y)) >= x.shape[1]:
-        stats = []
-        for features in (x, y):
-            stats.append(FeatureStats(features.shape[1]))
-            stats[-1].update(features)
-        return frechet_distance(*stats[0].mean_cov(), *stats[1].mean_cov())
-    a = (x - x.mean(0)) / math.sqrt(len(x) - 1)  # (Nx, D)
-    b = (y - y.mean(0)) / math.sqrt(len(y) - 1)  # (Ny, D)
-    diff = x.mean(0) - y.mean(0)
-    trace_sqrt = np.linalg.svd(a @ b.T, compute_uv=False).sum()
-    return float(max(diff @ diff + (a * a).sum() + (b * b).sum() - 2 * trace_sqrt, 0.0))
-
-
 def time_cap_minutes(budget_minutes: float | None, spent_seconds: float, runs_left: int, total_runs: int,
                      floor_fraction: float = 0.25) -> float | None:
     """A run's training cap: what is left of the study's training budget, shared evenly by the runs still to
@@ -371,16 +351,6 @@ def balanced_indices(length: int, count: int | None) -> list[int]:
 
 
 # ----------------------------------------------------------------------------------------------------- evaluation
-def _autocast(device: torch.device, precision: str):
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 class StudyEvaluator:
     """Shared by a study's runs: the EffNet-L0 networks, the validation subset and its FD statistics per
     resolution (computed once), so every run is measured on exactly the same crops."""
@@ -392,7 +362,7 @@ class StudyEvaluator:
         self.profile, self.data, self.device = profile, data, device
         self.extractor = EffNetFeatures(device=device, size=profile.feature_size)
         self.perceptual = build_perceptual("effnet-l0").to(device)
-        self._real_features: dict[int, np.ndarray] = {}  # resolution → (N, D) float64
+        self._real_features: dict[int, FeatureStats] = {}  # resolution → the validation crops' features
 
     def _loader(self, resolution: int):
         from torch.utils.data import DataLoader, IterableDataset, Subset
@@ -405,69 +375,23 @@ class StudyEvaluator:
         return DataLoader(dataset, batch_size=self.profile.eval_batch, shuffle=False,
                           num_workers=self.profile.num_workers)
 
-    @torch.no_grad()
     def evaluate(self, tokenizer, variants: tuple[EvalVariant, ...]) -> list[dict[str, Any]]:
-        """Metrics of every variant; ε-VAE noise comes from one generator per image (seed + index), as in
-        `pipelines.evaluate`, so numbers do not depend on the batch size."""
-        from pipelines.kit.metrics import psnr, ssim, to_uint8
-        from tokenizer import EpsVAE
-
+        """Metrics of every variant, measured by `pipelines.kit.reconstruction` (one decode generator per image,
+        seed + index, as in `pipelines.evaluate`, so numbers do not depend on the batch size)."""
         rows = []
         for resolution in dict.fromkeys(v.resolution for v in variants):
-            group = [v for v in variants if v.resolution == resolution]
-            need_real = resolution not in self._real_features
-            real_features = []
-            buckets = {v: {"psnr": [], "ssim": [], "perceptual": [], "features": [], "seconds": 0.0} for v in group}
-            seen = 0
-            for images, _labels in self._loader(resolution):
-                if self.profile.eval_images is not None and seen >= self.profile.eval_images:
-                    break  # streaming sources: the first eval_images crops
-                images = images.to(self.device)  # (B, 3, H, W) in [-1, 1]
-                real_u8 = to_uint8(images)
-                if need_real:
-                    real_features.append(self.extractor(real_u8)["pool"])  # (B, D) float64
-                with _autocast(self.device, self.profile.precision):
-                    z = tokenizer.encode(images, sample=False)
-                for variant in group:
-                    _synchronize(self.device)
-                    started = time.perf_counter()
-                    with _autocast(self.device, self.profile.precision):
-                        if isinstance(tokenizer, EpsVAE):
-                            generators = [torch.Generator(device=self.device).manual_seed(self.profile.seed + seen + i)
-                                          for i in range(images.shape[0])]
-                            recon = tokenizer.decode(z, steps=variant.steps, generator=generators,
-                                                     spacing=variant.spacing)
-                        else:
-                            recon = tokenizer.decode(z)
-                    _synchronize(self.device)
-                    bucket = buckets[variant]
-                    bucket["seconds"] += time.perf_counter() - started
-                    recon_u8 = to_uint8(recon.float())
-                    bucket["psnr"].append(psnr(real_u8, recon_u8))
-                    bucket["ssim"].append(ssim(real_u8, recon_u8))
-                    bucket["perceptual"].append(self.perceptual(recon_u8.float() / 127.5 - 1,
-                                                                real_u8.float() / 127.5 - 1).float().cpu())
-                    bucket["features"].append(self.extractor(recon_u8)["pool"])  # (B, D) float64
-                seen += images.shape[0]
-            if seen < 2:
-                raise ValueError(f"the val split of {self.data!r} has {seen} images at {resolution}px; "
-                                 "a Fréchet distance needs at least 2")
-            if need_real:
-                self._real_features[resolution] = torch.cat(real_features).numpy()
-            for variant in group:
-                bucket = buckets[variant]
-                rows.append({**dataclasses.asdict(variant),
-                             "rfd": frechet_distance_of_features(self._real_features[resolution],
-                                                                 torch.cat(bucket["features"]).numpy()),
-                             "psnr": float(torch.cat(bucket["psnr"]).mean()),
-                             "ssim": float(torch.cat(bucket["ssim"]).mean()),
-                             "perceptual": float(torch.cat(bucket["perceptual"]).mean()),
-                             "decode_images_per_s": seen / max(bucket["seconds"], 1e-9), "num_images": seen})
+            settings = [DecodeSetting(v.steps, v.spacing) for v in variants if v.resolution == resolution]
+            result = evaluate_reconstructions(
+                tokenizer, (images for images, _labels in self._loader(resolution)), settings, self.extractor,
+                self.perceptual, device=self.device, precision=self.profile.precision, seed=self.profile.seed,
+                real=self._real_features.get(resolution), max_images=self.profile.eval_images,
+                source=f"the val split of {self.data!r} at {resolution}px")
+            self._real_features[resolution] = result.real
+            rows += [{"resolution": resolution, "steps": m.setting.steps, "spacing": m.setting.spacing, "rfd": m.rfd,
+                      "psnr": m.psnr, "ssim": m.ssim, "perceptual": m.perceptual,
+                      "decode_images_per_s": m.decode_images_per_s, "num_images": m.num_images}
+                     for m in result.metrics]
         return rows
-
-
-def _num_params(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
 
 
 # ----------------------------------------------------------------------------------------------------- execution
@@ -570,7 +494,8 @@ def run_one(spec: RunSpec, profile: StudyProfile, study_dir: Path, data: str, ma
     evaluator = evaluator_factory()
     tokenizer.to(evaluator.device)
     result = {"name": spec.name, "label": spec.label, "model_type": spec.model_type, "info": spec.info,
-              "decoder_params": _num_params(tokenizer.decoder), "encoder_params": _num_params(tokenizer.encoder),
+              "decoder_params": count_parameters(tokenizer.decoder),
+              "encoder_params": count_parameters(tokenizer.encoder),
               "training": training, "evaluations": evaluator.evaluate(tokenizer, spec.variants)}
     result["seconds"] = time.monotonic() - started
     _write_json(result_path, result)

@@ -11,6 +11,7 @@ EfficientNet-Lite0 for offline runs, whose Fréchet distance is reported as `FD-
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import sys
 import zipfile
@@ -110,8 +111,14 @@ def _trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
     return float(np.sqrt(np.clip(np.linalg.eigvalsh(product), 0, None)).sum())
 
 
+def _frechet(mean_difference: np.ndarray, trace1: float, trace2: float, trace_sqrt: float) -> float:
+    """‖Δmu‖² + Tr Σ1 + Tr Σ2 − 2 Tr((Σ1 Σ2)^½), whichever way the last trace was computed."""
+    distance = mean_difference @ mean_difference + trace1 + trace2 - 2 * trace_sqrt
+    return float(max(distance, 0.0))  # tiny negative values are round-off of FD(x, x) = 0
+
+
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
-    """‖mu1 − mu2‖² + Tr(Σ1 + Σ2 − 2 (Σ1 Σ2)^½) in float64 (Heusel et al. 2017)."""
+    """‖mu1 − mu2‖² + Tr(Σ1 + Σ2 − 2 (Σ1 Σ2)^½) in float64 (Heusel et al. 2017), from statistics alone."""
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != (mu1.size, mu1.size):
@@ -120,26 +127,41 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
         )
     if not (np.isfinite(sigma1).all() and np.isfinite(sigma2).all() and np.isfinite(mu1).all() and np.isfinite(mu2).all()):
         raise ValueError("Fréchet distance: statistics contain NaN or inf")
-    diff = mu1 - mu2
-    distance = diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * _trace_sqrt_product(sigma1, sigma2)
-    return float(max(distance, 0.0))  # tiny negative values are round-off of FD(x, x) = 0
+    return _frechet(mu1 - mu2, np.trace(sigma1), np.trace(sigma2), _trace_sqrt_product(sigma1, sigma2))
 
 
 @dataclass
 class FeatureStats:
     """Streaming float64 sums for the mean and covariance of features, so no feature matrix is kept.
 
-    Ranks can each accumulate and then `merge` (or all-reduce `count`, `total`, `total_outer`).
+    While fewer vectors than dimensions have been seen, the vectors themselves are kept as well (at most D × D
+    numbers, the size of `total_outer`), for the exact low-rank path of `frechet_distance_of_features`. Ranks can
+    each accumulate and then `merge` (or all-reduce `count`, `total`, `total_outer`: the kept rows then no longer
+    add up to `count` and are ignored).
     """
 
     dim: int
     count: int = 0
     total: np.ndarray = field(init=False)
     total_outer: np.ndarray = field(init=False)
+    _rows: list[np.ndarray] | None = field(init=False, repr=False)
 
     def __post_init__(self):
         self.total = np.zeros(self.dim, np.float64)
         self.total_outer = np.zeros((self.dim, self.dim), np.float64)
+        self._rows = []
+
+    @classmethod
+    def from_batches(cls, feature_batches: Iterable[np.ndarray | torch.Tensor]) -> "FeatureStats":
+        """The statistics of every feature vector in `feature_batches` (each (N_i, D))."""
+        stats: FeatureStats | None = None
+        for batch in feature_batches:
+            if stats is None:
+                stats = cls(dim=int(batch.shape[-1]))
+            stats.update(batch)
+        if stats is None:
+            raise ValueError("no feature batches to compute statistics of")
+        return stats
 
     def update(self, features: np.ndarray | torch.Tensor) -> None:
         if isinstance(features, torch.Tensor):
@@ -148,6 +170,7 @@ class FeatureStats:
         self.count += features.shape[0]
         self.total += features.sum(axis=0)
         self.total_outer += features.T @ features
+        self._keep(features)
 
     def merge(self, other: "FeatureStats") -> None:
         if other.dim != self.dim:
@@ -155,6 +178,21 @@ class FeatureStats:
         self.count += other.count
         self.total += other.total
         self.total_outer += other.total_outer
+        self._keep(other.rows)
+
+    def _keep(self, features: np.ndarray | None) -> None:
+        if self._rows is None or features is None or self.count >= self.dim:
+            self._rows = None  # enough vectors for a full-rank covariance: the sums are all FD needs
+        else:
+            self._rows.append(features)
+
+    @property
+    def rows(self) -> np.ndarray | None:
+        """Every feature vector seen, (count, D), while count < D; otherwise None."""
+        if self._rows is None:
+            return None
+        rows = np.concatenate(self._rows) if self._rows else np.zeros((0, self.dim))
+        return rows if len(rows) == self.count else None
 
     def mean_cov(self) -> tuple[np.ndarray, np.ndarray]:
         """(mu (D,), sigma (D, D)) with the unbiased covariance (as np.cov, EDM and ADM)."""
@@ -165,16 +203,29 @@ class FeatureStats:
         return mu, sigma
 
 
+def frechet_distance_of_features(first: FeatureStats, second: FeatureStats) -> float:
+    """The Fréchet distance between two feature sets, exact; `frechet_distance` of their statistics unless
+    both sets have fewer vectors than dimensions (tens of images against D = 1280 or 2048).
+
+    Then each covariance has rank < N and Σ = AᵀA with A = centred features / √(N − 1), so Tr((Σ1 Σ2)^½) is
+    the nuclear norm of the small (N1, N2) matrix A1·A2ᵀ: the nonzero eigenvalues of A1ᵀA1·A2ᵀA2 are those of
+    (A1A2ᵀ)(A1A2ᵀ)ᵀ. That replaces two D × D eigendecompositions by one N1 × N2 SVD.
+    """
+    if first.dim != second.dim or min(first.count, second.count) < 2:
+        raise ValueError(f"need two feature sets of the same dimension with at least 2 vectors each, got "
+                         f"{first.count} × {first.dim} and {second.count} × {second.dim}")
+    x, y = first.rows, second.rows
+    if x is None or y is None:
+        return frechet_distance(*first.mean_cov(), *second.mean_cov())
+    a = (x - x.mean(0)) / math.sqrt(len(x) - 1)  # (N1, D)
+    b = (y - y.mean(0)) / math.sqrt(len(y) - 1)  # (N2, D)
+    trace_sqrt = np.linalg.svd(a @ b.T, compute_uv=False).sum()
+    return _frechet(x.mean(0) - y.mean(0), (a * a).sum(), (b * b).sum(), trace_sqrt)
+
+
 def compute_statistics(feature_batches: Iterable[np.ndarray | torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
     """float64 (mu, sigma) of all feature vectors in `feature_batches` (each (N_i, D))."""
-    stats: FeatureStats | None = None
-    for batch in feature_batches:
-        if stats is None:
-            stats = FeatureStats(dim=int(batch.shape[-1]))
-        stats.update(batch)
-    if stats is None:
-        raise ValueError("compute_statistics got no feature batches")
-    return stats.mean_cov()
+    return FeatureStats.from_batches(feature_batches).mean_cov()
 
 
 def save_statistics(path: str | os.PathLike, mu: np.ndarray, sigma: np.ndarray) -> None:
@@ -368,6 +419,7 @@ __all__ = [
     "build_feature_extractor",
     "compute_statistics",
     "frechet_distance",
+    "frechet_distance_of_features",
     "inception_score",
     "load_statistics",
     "precision_recall",
