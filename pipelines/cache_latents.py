@@ -34,27 +34,21 @@ from torch.utils.data import DataLoader, Dataset
 
 from data.folder import ImageFolderDataset
 from data.images import BadImageError, decode_image
+from data.latent_shards import LatentShardWriter, VerifyReport, merge_manifests, rank_prefix, verify_shards
 from pipelines.kit.faults import fault_point
-from data.latent_shards import (
-    LatentShardWriter,
-    VerifyReport,
-    file_sha256,
-    merge_manifests,
-    rank_prefix,
-    verify_shards,
-)
+from pipelines.kit.precision import autocast, check_precision
 
 logger = logging.getLogger(__name__)
 
 CACHE_INFO_NAME = "cache_info.json"
 STORAGE_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16,
                                           "bfloat16": torch.bfloat16}
-AUTOCAST_CHOICES = ("no", "bf16")
 
 
 @dataclass(frozen=True)
 class CacheLatentsConfig:
-    """One latent-caching job. `batch_size` is per process; `precision="bf16"` runs the encoder under autocast."""
+    """One latent-caching job. `batch_size` is per process; `precision` names the encoder's autocast dtype
+    (`pipelines.kit.precision`: "bf16", "fp16", or "no" / "fp32" for plain float32)."""
 
     tokenizer: str | None = None  # a save_pretrained directory (EpsVAE or VAE); None only with verify
     data: str = "offline"  # see data.sources.build_image_dataset
@@ -78,8 +72,7 @@ class CacheLatentsConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
-        if self.precision not in AUTOCAST_CHOICES:
-            raise ValueError(f"precision must be one of {AUTOCAST_CHOICES}, got {self.precision!r}")
+        check_precision(self.precision)
         if self.storage_dtype not in STORAGE_DTYPES:
             raise ValueError(f"storage_dtype must be one of {sorted(STORAGE_DTYPES)}, got {self.storage_dtype!r}")
         if self.tokenizer is None and not self.verify:
@@ -186,16 +179,6 @@ def _completed_sidecars(out_dir: Path) -> list[dict]:
     return records
 
 
-def tokenizer_weights_path(tokenizer_dir: str | os.PathLike, use_ema: bool) -> Path:
-    """The weights file `load_tokenizer(dir, use_ema)` reads (for the manifest's hash)."""
-    from tokenizer.models import EMA_WEIGHTS_NAME, WEIGHTS_NAME
-
-    directory = Path(tokenizer_dir)
-    if use_ema and (directory / EMA_WEIGHTS_NAME).is_file():
-        return directory / EMA_WEIGHTS_NAME
-    return directory / WEIGHTS_NAME
-
-
 def _check_cache_info(out_dir: Path, info: dict[str, Any]) -> None:
     """Refuse to add latents of another tokenizer / source / resolution to an existing cache."""
     path = out_dir / CACHE_INFO_NAME
@@ -208,12 +191,6 @@ def _check_cache_info(out_dir: Path, info: dict[str, Any]) -> None:
     if changed:
         raise ValueError(f"{out_dir} already holds latents made with different {', '.join(changed)} "
                          f"(see {path}); use a new --output-dir")
-
-
-def _autocast(device: torch.device, precision: str):
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return torch.autocast(device_type=device.type, enabled=False)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -239,6 +216,7 @@ def cache_latents(config: CacheLatentsConfig) -> CacheResult:
     from data.sources import build_image_dataset, resolve_source
     from pipelines.kit.run import AcceleratorConfig, make_accelerator
     from tokenizer import load_tokenizer
+    from tokenizer.models import weights_fingerprint
 
     out_dir = Path(config.output_dir)
     if config.tokenizer is None:  # verification only
@@ -254,7 +232,7 @@ def cache_latents(config: CacheLatentsConfig) -> CacheResult:
     if config.resolution % tokenizer.downsample:
         raise ValueError(f"resolution {config.resolution} is not divisible by the tokenizer's downsample "
                          f"factor {tokenizer.downsample}")
-    weights_sha = file_sha256(str(tokenizer_weights_path(config.tokenizer, config.use_ema)))
+    weights_sha = weights_fingerprint(config.tokenizer, config.use_ema)
     kind, location = resolve_source(config.data)
     info = {"tokenizer_weights_sha256": weights_sha, "data": config.data, "split": config.split,
             "resolution": config.resolution, "crops_per_class": config.crops_per_class,
@@ -310,7 +288,7 @@ def cache_latents(config: CacheLatentsConfig) -> CacheResult:
                     known_skipped.add(bad[i])
             if good:
                 x = images[good].to(device, non_blocking=True)  # (B, 3, R, R)
-                with torch.no_grad(), _autocast(device, config.precision):
+                with torch.no_grad(), autocast(device, config.precision):
                     posterior = tokenizer.encode_posterior(torch.cat([x, x.flip(-1)]))  # 2B
                 mean = posterior.mean.to("cpu", store_dtype)  # (2B, C, h, w)
                 logvar = posterior.logvar.to("cpu", store_dtype)

@@ -17,11 +17,12 @@ from _cli import ArgumentParser, add_config_arguments, config_from_arguments, ru
 
 
 def build_parser() -> ArgumentParser:
-    from pipelines.cache_latents import AUTOCAST_CHOICES, STORAGE_DTYPES, CacheLatentsConfig
+    from pipelines.cache_latents import STORAGE_DTYPES, CacheLatentsConfig
+    from pipelines.kit.precision import PRECISIONS
 
     parser = ArgumentParser(description=__doc__.splitlines()[0])
     add_config_arguments(parser, CacheLatentsConfig, choices={
-        "precision": AUTOCAST_CHOICES, "storage_dtype": sorted(STORAGE_DTYPES)})
+        "precision": PRECISIONS, "storage_dtype": sorted(STORAGE_DTYPES)})
     return parser
 
 

@@ -26,7 +26,10 @@ from _cli import ArgumentParser, add_config_arguments, config_from_arguments, ru
 
 def build_parser() -> ArgumentParser:
     from pipelines.evaluate import ReconstructionEvalConfig
+    from pipelines.kit.fid import FIDConfig
     from pipelines.kit.metrics import FEATURE_EXTRACTORS
+    from pipelines.kit.precision import PRECISIONS
+    from pipelines.sample import SampleConfig
     from tokenizer.perceptual import PERCEPTUAL_NETWORKS
 
     parser = ArgumentParser(description=__doc__.splitlines()[0])
@@ -36,10 +39,7 @@ def build_parser() -> ArgumentParser:
                        help="path to weights-inception-2015-12-05-6726825d.pth (or put it in the torch hub cache)")
     add_config_arguments(recon, ReconstructionEvalConfig, skip=("feature_weights",), choices={
         "features": sorted(FEATURE_EXTRACTORS), "perceptual": sorted(PERCEPTUAL_NETWORKS),
-        "precision": ["no", "bf16", "fp16"]})
-
-    from pipelines.kit.fid import FIDConfig
-    from pipelines.sample import PRECISIONS, SampleConfig
+        "precision": PRECISIONS})
 
     inception_help = "path to weights-inception-2015-12-05-6726825d.pth (or put it in the torch hub cache)"
     fid = commands.add_parser("fid", help="FID / IS / precision-recall of samples against a reference")
@@ -47,7 +47,7 @@ def build_parser() -> ArgumentParser:
     fid.add_argument("--inception-weights", dest="feature_weights", default=None, help=inception_help)
 
     pipeline = commands.add_parser("pipeline", help="sample with the full pipeline, then score the samples")
-    add_config_arguments(pipeline, SampleConfig, choices={"precision": list(PRECISIONS),
+    add_config_arguments(pipeline, SampleConfig, choices={"precision": PRECISIONS,
                                                            "variance": ["fixed_large", "fixed_small"]})
     # One --batch-size / --device for sampling and features; --out is the sample folder, --output the report.
     add_config_arguments(pipeline, FIDConfig, skip=("samples", "batch_size", "feature_weights"),
@@ -83,8 +83,8 @@ def main(argv=None) -> None:
         if config.output:
             print(f"wrote {config.output} and {config.output.rsplit('.', 1)[0]}.md")
     elif args.command == "pipeline":
-        from pipelines.kit.fid import FIDConfig, evaluate_pipeline
-        from pipelines.sample import SampleConfig
+        from pipelines.kit.fid import FIDConfig
+        from pipelines.sample import SampleConfig, sample_and_score
 
         missing = [flag for flag in ("generator", "tokenizer", "reference") if flag not in vars(args)]
         if missing:
@@ -93,7 +93,7 @@ def main(argv=None) -> None:
         sample_config = config_from_arguments(SampleConfig, args, **extra)
         fid_config = config_from_arguments(FIDConfig, args, samples=sample_config.out,
                                            feature_weights=args.feature_weights)
-        report = evaluate_pipeline(sample_config, fid_config)
+        report = sample_and_score(sample_config, fid_config)
         if report is not None:
             print(report["markdown"], end="")
             if fid_config.output:

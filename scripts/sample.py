@@ -18,10 +18,11 @@ from _cli import ArgumentParser, add_config_arguments, config_from_arguments, ru
 
 
 def build_parser() -> ArgumentParser:
-    from pipelines.sample import PRECISIONS, SampleConfig
+    from pipelines.kit.precision import PRECISIONS
+    from pipelines.sample import SampleConfig
 
     parser = ArgumentParser(description=__doc__.splitlines()[0])
-    add_config_arguments(parser, SampleConfig, choices={"precision": list(PRECISIONS),
+    add_config_arguments(parser, SampleConfig, choices={"precision": PRECISIONS,
                                                          "variance": ["fixed_large", "fixed_small"]})
     parser.add_argument("--class-names", action="store_true",
                         help="print the class ids and names the generator was trained on, then exit")
@@ -29,7 +30,8 @@ def build_parser() -> ArgumentParser:
 
 
 def main(argv=None) -> None:
-    from pipelines.sample import SampleConfig, images_per_second, read_provenance, run_sampling
+    from pipelines.kit.generation import read_provenance
+    from pipelines.sample import SampleConfig, images_per_second, run_sampling
 
     args = build_parser().parse_args(argv)
     if args.class_names:

@@ -16,7 +16,7 @@ from PIL import Image
 from _cli import run_main
 from pipelines.kit.fid import FIDConfig, evaluate_fid, npz_images_shape, reference_cache_path
 from pipelines.kit.metrics import build_feature_extractor, save_statistics
-from pipelines.sample import write_adm_npz
+from pipelines.kit.sample_files import write_adm_npz
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "evaluate.py"
 N_IMAGES = 20

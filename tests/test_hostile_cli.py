@@ -326,7 +326,7 @@ def test_resume_never_unpickles_a_planted_checkpoint_part(paths, one_step_run, t
 
 def test_model_loaders_never_unpickle_planted_weights(paths, tmp_path):
     from generator.dit import DiT
-    from pipelines.sample import GenerationPipeline
+    from pipelines.kit.generation import GenerationPipeline
     from tokenizer import EpsVAE, load_tokenizer
 
     marker = tmp_path / MARKER_NAME

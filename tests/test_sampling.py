@@ -1,4 +1,5 @@
-"""Class-conditional sampling: `pipelines.sample` and `scripts/sample.py` end to end on tiny models (CPU)."""
+"""Class-conditional sampling: `pipelines.kit.generation`, `pipelines.sample` and `scripts/sample.py` end to end
+on tiny models (CPU)."""
 import importlib.util
 import json
 import subprocess
@@ -12,8 +13,10 @@ from PIL import Image
 
 from generator import DiT, DiTConfig
 from _cli import run_main
-from pipelines.sample import (GenerationPipeline, SampleConfig, check_compatible, make_generators, parse_seeds,
-                                plan_samples, png_is_complete, run_sampling, tile_starts, tiled_decode)
+from pipelines.kit.generation import (GenerationPipeline, check_compatible, make_generators, tile_starts,
+                                      tiled_decode)
+from pipelines.kit.sample_files import png_is_complete
+from pipelines.sample import SampleConfig, parse_seeds, plan_samples, run_sampling
 from tokenizer import EpsVAE, VAE
 
 ROOT = Path(__file__).resolve().parents[1]

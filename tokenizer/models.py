@@ -379,5 +379,8 @@ def weights_fingerprint(directory: str | Path, use_ema: bool = False) -> str:
     their latents came from, and what sampling checks before pairing a generator with a tokenizer."""
     import hashlib
 
-    with open(weights_path(directory, use_ema), "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
+    digest = hashlib.sha256()
+    with open(weights_path(directory, use_ema), "rb") as handle:  # chunked: Python 3.10 has no file_digest
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -145,7 +145,7 @@ def real_halves(val, limit: int) -> tuple[list[int], list[int]]:
 @torch.no_grad()
 def generate_images(pipeline, labels: torch.Tensor, seeds: list[int], profile: DemoProfile) -> np.ndarray:
     """The product's GenerationPipeline (one generator per image), batched: uint8 (N, H, W, 3)."""
-    from pipelines.sample import make_generators
+    from pipelines.kit.generation import make_generators
 
     images = []
     for start in range(0, len(seeds), profile.batch_size):
@@ -266,7 +266,7 @@ def run_demo(out_dir: str | Path = "runs/demo", profile_name: str = "default", f
     generator_record = run_stage(out, "generator", generator_stage)
 
     def load_pipeline():
-        from pipelines.sample import GenerationPipeline
+        from pipelines.kit.generation import GenerationPipeline
 
         return GenerationPipeline.from_pretrained(generator_record["model_dir"], tokenizer_record["model_dir"])
 
@@ -302,7 +302,7 @@ def evaluate_demo(out: Path, profile: DemoProfile, tokenizer_dir: str, load_pipe
     from pipelines.evaluate import ReconstructionEvalConfig, evaluate_reconstruction
     from pipelines.kit.metrics import build_feature_extractor, frechet_distance_of_features, to_uint8
     from pipelines.kit.reconstruction import DecodeSetting, reconstruct
-    from pipelines.sample import GenerationPipeline
+    from pipelines.kit.generation import GenerationPipeline
 
     recon_report = evaluate_reconstruction(ReconstructionEvalConfig(
         tokenizer=tokenizer_dir, data="offline", split="val", resolution=profile.resolution,

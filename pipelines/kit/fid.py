@@ -31,7 +31,9 @@ import numpy as np
 import torch
 
 from pipelines.kit.metrics import (FeatureStats, build_feature_extractor, frechet_distance, inception_score,
-                               load_statistics, precision_recall, to_uint8)
+                                   load_statistics, precision_recall, to_uint8)
+from pipelines.kit.precision import pick_device
+from pipelines.kit.sample_files import list_sample_images, temporary_path
 
 CACHE_VERSION = 1
 DEFAULT_CACHE_DIR = "~/.cache/epsvae/fid-references"
@@ -110,16 +112,6 @@ def _npz_keys(path: Path) -> list[str]:
             return list(data.files)
     except (OSError, ValueError) as error:
         raise ValueError(f"cannot read {path} as an .npz: {error}") from None
-
-
-def list_sample_images(folder: Path) -> list[Path]:
-    """The sample PNGs `scripts/sample.py` wrote (NNNNNN_c*_s*.png, index order), else every image file."""
-    from data.images import is_image_file
-    from pipelines.sample import SAMPLE_NAME
-
-    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
-    samples = [p for p in files if SAMPLE_NAME.match(p.name)]
-    return samples if samples else [p for p in files if is_image_file(p.name)]
 
 
 def _load_image(path: Path, resolution: int | None) -> np.ndarray:
@@ -279,7 +271,7 @@ def reference_cache_path(config: FIDConfig, resolution: int) -> Path:
 
 def _save_reference(path: Path, reference: FeatureSet, key: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = temporary_path(path)
     with open(tmp, "wb") as handle:  # a handle keeps numpy from appending a second .npz
         np.savez(handle, mu=reference.mu, sigma=reference.sigma, features=reference.features,
                  count=np.int64(reference.count), key=np.asarray(json.dumps(key, sort_keys=True)))
@@ -342,12 +334,6 @@ def _cached_or_computed(config: FIDConfig, extractor, resolution: int, batches: 
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _pick_device(name: str | None) -> torch.device:
-    if name:
-        return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def check_reference(reference: str) -> None:
     """One-line error for a reference that is neither a file, a folder nor a known data source."""
     if not os.path.exists(reference):
@@ -364,7 +350,7 @@ def evaluate_fid(config: FIDConfig, extractor=None) -> FIDReport:
     batches, count, resolution = sample_batches(config.samples, config.batch_size)  # cheap checks first
     check_reference(config.reference)
     if extractor is None:  # missing Inception weights → MissingWeightsError naming the file, before any work
-        extractor = build_feature_extractor(config.features, config.feature_weights, device=_pick_device(config.device))
+        extractor = build_feature_extractor(config.features, config.feature_weights, device=pick_device(config.device))
     samples = extract_features(extractor, batches, config.pr_max_images, keep_logits=True)
     reference, notes = reference_features(config, extractor, resolution, samples.mu.shape[0])
     is_label = "IS" if extractor.name == "FID" else "IS-" + extractor.name.removeprefix("FD-")
@@ -393,40 +379,3 @@ def write_report(payload: dict[str, Any], markdown: str, json_path: Path) -> Non
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(payload, indent=2) + "\n")
     json_path.with_suffix(".md").write_text(markdown)
-
-
-def evaluate_pipeline(sample_config, fid_config: FIDConfig) -> dict[str, Any] | None:
-    """The paper's generation protocol in one go (Table 3: 50k samples, no CFG): sample with
-    `pipelines.sample.run_sampling` (every rank), then score the ADM `.npz` on the main process.
-    Returns the combined report (None on other ranks); JSON + markdown go to `fid_config.output`."""
-    import dataclasses
-
-    from accelerate import PartialState
-
-    from pipelines.sample import images_per_second, run_sampling
-
-    if not sample_config.write_npz:
-        sample_config = dataclasses.replace(sample_config, write_npz=True)
-    state = PartialState(cpu=sample_config.cpu)
-    check_reference(fid_config.reference)
-    extractor = None
-    if state.is_main_process:  # missing metric weights fail now, not after hours of sampling
-        device = torch.device(fid_config.device) if fid_config.device else state.device
-        extractor = build_feature_extractor(fid_config.features, fid_config.feature_weights, device=device)
-    result = run_sampling(sample_config)
-    if not state.is_main_process:
-        return None
-    scored = evaluate_fid(dataclasses.replace(fid_config, samples=str(result.npz), output=None), extractor)
-    sampling = {"generator": sample_config.generator, "tokenizer": sample_config.tokenizer,
-                "num_images": result.num_images, "image_size": result.image_size,
-                "ddpm_steps": sample_config.ddpm_steps, "decode_steps": sample_config.decode_steps,
-                "cfg_scale": sample_config.cfg_scale, "precision": sample_config.precision,
-                "sampling_seconds": result.seconds, "images_per_second_this_rank": images_per_second(result)}
-    payload = {"sampling": sampling, "metrics": scored.to_dict()}
-    markdown = (f"Generator {sample_config.generator} + tokenizer {sample_config.tokenizer}: {result.num_images} "
-                f"samples, {sample_config.ddpm_steps} DDPM steps, {sample_config.decode_steps} decode steps, "
-                f"CFG {sample_config.cfg_scale}\n\n" + scored.markdown())
-    if fid_config.output:
-        write_report(payload, markdown, Path(fid_config.output))
-    payload["markdown"] = markdown
-    return payload
