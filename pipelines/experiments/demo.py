@@ -218,7 +218,7 @@ def run_demo(out_dir: str | Path = "runs/demo", profile_name: str = "default", f
 
     data = run_stage(out, "data", data_stage)
 
-    tokenizer_config = TokenizerTrainConfig(
+    tokenizer_config = TokenizerTrainConfig.from_flat(
         output_dir=str(out / "tokenizer"), model_type="eps_vae", encoder=profile.encoder, decoder=profile.decoder,
         model_overrides={"downsample": profile.downsample, "latent_channels": profile.latent_channels,
                          "preconditioning": profile.preconditioning, "time_location": profile.time_location,
@@ -254,7 +254,7 @@ def run_demo(out_dir: str | Path = "runs/demo", profile_name: str = "default", f
     run_stage(out, "cache", cache_stage)
 
     def generator_stage() -> dict[str, Any]:
-        trained = train_generator(GeneratorTrainConfig(
+        trained = train_generator(GeneratorTrainConfig.from_flat(
             shards=str(out / "latents"), output_dir=str(out / "generator"), model=profile.dit_model,
             model_overrides=dict(profile.dit_overrides), batch_size=profile.dit_batch, num_workers=0,
             lr=profile.dit_lr, ema_decay=profile.dit_ema, max_steps=profile.dit_max_steps,
