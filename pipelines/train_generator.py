@@ -31,9 +31,9 @@ from pipelines.kit.checkpoints import CheckpointManager
 from pipelines.kit.ema import EMA, unwrap_model
 from pipelines.kit.logging import MetricsLogger
 from pipelines.kit.loop import LoopPlan, NonFiniteGuard, OptimizedModule, StepOutput, quartile_losses, run_training_loop
-from pipelines.kit.optim import OptimizerConfig, build_optimizer, warmup_scheduler
-from pipelines.kit.precision import accelerate_mixed_precision
-from pipelines.kit.run import AcceleratorConfig, make_accelerator, per_device_batch
+from pipelines.kit.config import SectionedConfig, require_at_least
+from pipelines.kit.optim import OptimizerConfig, TrainingOptimConfig, build_optimizer, warmup_scheduler
+from pipelines.kit.run import RunConfig, make_run_accelerator, per_device_batch
 from tokenizer import DEFAULT_DECODE_STEPS
 from tokenizer.nn import count_parameters
 
@@ -44,79 +44,81 @@ MODEL_OVERRIDE_FIELDS = ("hidden_size", "depth", "num_heads", "mlp_ratio", "patc
 
 
 @dataclass(frozen=True)
-class GeneratorTrainConfig:
-    """Everything a stage-2 run needs; saved in every checkpoint. Defaults are the paper's (C.3) / DiT's."""
-
-    shards: str = "runs/latents"  # a cache_latents output directory (manifest.json + shards)
-    output_dir: str = "runs/generator"
+class GeneratorModelConfig:
     model: str = "DiT-XL/2"  # a key of generator.DiT_models
     model_overrides: dict[str, Any] = field(default_factory=dict)  # MODEL_OVERRIDE_FIELDS only
     learn_sigma: bool = False  # the paper drops the VLB term: ε only
     qk_norm: bool = False
     class_dropout_prob: float = 0.1  # label dropout (keeps CFG possible)
     diffusion_steps: int = 1000
-    # Data.
-    batch_size: int = 256  # global: per_device × processes × grad_accum
-    num_workers: int = 4
-    shuffle_buffer: int = 1000
-    on_bad_shard: str = "raise"  # a damaged shard: "raise" (naming it) or "skip" (counted in the metrics)
-    # Optimisation.
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    warmup_steps: int = 0
-    grad_clip: float | None = None  # None: measure the norm only (DiT does not clip)
-    grad_accum: int = 1
-    ema_decay: float = 0.9999
-    max_steps: int = 400_000
-    max_minutes: float | None = None  # stop (and save) after this much wall time
-    max_nonfinite: int = 10
-    # Run.
-    precision: str = "no"
-    seed: int = 0
-    checkpoint_every: int = 10_000
-    keep_last: int = 3
-    log_every: int = 100
-    # Sample grids (EMA weights, respaced DDPM, decoded with the tokenizer; skipped without one).
-    sample_every: int = 10_000
-    sample_steps: int = 50
-    sample_images: int = 16
-    decode_steps: int = DEFAULT_DECODE_STEPS
-    tokenizer: str | None = None
-    resume: str | None = None  # None | "auto" | a checkpoint dir
-    log_with: str | None = None
-    collective_timeout_s: float = 600.0
-    cpu: bool = False  # force CPU even where a GPU is visible (tests, CPU-only `accelerate launch`)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "adam_betas", tuple(self.adam_betas))
         object.__setattr__(self, "model_overrides", dict(self.model_overrides))
         if self.model not in DiT_models:
             raise ValueError(f"unknown model {self.model!r}; choose from {sorted(DiT_models)}")
         unknown = sorted(set(self.model_overrides) - set(MODEL_OVERRIDE_FIELDS))
         if unknown:
             raise ValueError(f"unknown model override(s) {unknown}; allowed: {list(MODEL_OVERRIDE_FIELDS)}")
-        for name in ("batch_size", "grad_accum", "max_steps", "checkpoint_every", "keep_last", "log_every",
-                     "sample_every", "sample_steps", "sample_images", "decode_steps", "diffusion_steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("lr", "weight_decay", "ema_decay", "warmup_steps", "num_workers", "shuffle_buffer"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        require_at_least(self, 1, "diffusion_steps")
+
+
+@dataclass(frozen=True)
+class LatentDataConfig:
+    shards: str = "runs/latents"  # a cache_latents output directory (manifest.json + shards)
+    batch_size: int = 256  # global: per_device × processes × grad_accum
+    num_workers: int = 4
+    shuffle_buffer: int = 1000
+    on_bad_shard: str = "raise"  # a damaged shard: "raise" (naming it) or "skip" (counted in the metrics)
+
+    def __post_init__(self) -> None:
         from data.latent_shards import BAD_SHARD_POLICIES
 
+        require_at_least(self, 1, "batch_size")
+        require_at_least(self, 0, "num_workers", "shuffle_buffer")
         if self.on_bad_shard not in BAD_SHARD_POLICIES:
             raise ValueError(f"on_bad_shard must be one of {BAD_SHARD_POLICIES}, got {self.on_bad_shard!r}")
-        if self.sample_steps > self.diffusion_steps:
-            raise ValueError(f"sample_steps {self.sample_steps} > diffusion_steps {self.diffusion_steps}")
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]):
-        """From `to_dict()` output, e.g. the `config.json` of a checkpoint (JSON lists become tuples)."""
-        return cls(**values)
+@dataclass(frozen=True)
+class GeneratorOptimConfig(TrainingOptimConfig):
+    weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require_at_least(self, 0, "weight_decay")
+
+
+@dataclass(frozen=True)
+class SampleGridConfig:
+    """Sample grids: EMA weights, respaced DDPM, decoded with the tokenizer; skipped without one."""
+
+    sample_every: int = 10_000
+    sample_steps: int = 50
+    sample_images: int = 16
+    decode_steps: int = DEFAULT_DECODE_STEPS
+    tokenizer: str | None = None
+
+    def __post_init__(self) -> None:
+        require_at_least(self, 1, "sample_every", "sample_steps", "sample_images", "decode_steps")
+
+
+@dataclass(frozen=True)
+class GeneratorTrainConfig(SectionedConfig):
+    """Everything a stage-2 run needs; saved in every checkpoint. Defaults are the paper's (C.3) / DiT's.
+    Build it flat with `GeneratorTrainConfig.from_flat(lr=..., shards=...)` (field names are unique)."""
+
+    model: GeneratorModelConfig = field(default_factory=GeneratorModelConfig)
+    data: LatentDataConfig = field(default_factory=LatentDataConfig)
+    # The shared optim section's defaults are DiT's: lr 1e-4, β=(0.9, 0.999), no warm-up, 400k steps, EMA 0.9999,
+    # grad_clip None (measure the norm only: DiT does not clip).
+    optim: GeneratorOptimConfig = field(default_factory=GeneratorOptimConfig)
+    sample: SampleGridConfig = field(default_factory=SampleGridConfig)
+    run: RunConfig = field(default_factory=lambda: RunConfig(
+        output_dir="runs/generator", checkpoint_every=10_000, keep_last=3, log_every=100))
+
+    def __post_init__(self) -> None:
+        if self.sample.sample_steps > self.model.diffusion_steps:
+            raise ValueError(f"sample_steps {self.sample.sample_steps} > diffusion_steps {self.model.diffusion_steps}")
 
 
 @dataclass
@@ -159,10 +161,11 @@ def dit_config_from_manifest(config: GeneratorTrainConfig, manifest: dict[str, A
     if min(std) <= 0:
         raise ValueError(f"the manifest's latent_std has a zero channel ({std}): the latents are constant")
     return DiTConfig.from_name(
-        config.model, input_size=int(height), in_channels=int(channels), num_classes=int(manifest["num_classes"]),
-        class_dropout_prob=config.class_dropout_prob, learn_sigma=config.learn_sigma, qk_norm=config.qk_norm,
+        config.model.model, input_size=int(height), in_channels=int(channels), num_classes=int(manifest["num_classes"]),
+        class_dropout_prob=config.model.class_dropout_prob, learn_sigma=config.model.learn_sigma,
+        qk_norm=config.model.qk_norm,
         latent_mean=tuple(float(m) for m in manifest["latent_mean"]), latent_std=tuple(std),
-        **config.model_overrides,
+        **config.model.model_overrides,
     )
 
 
@@ -173,18 +176,18 @@ def schedule_on(schedule: DiffusionSchedule, device: torch.device) -> DiffusionS
 
 def _load_grid_tokenizer(config: GeneratorTrainConfig, manifest: dict[str, Any], device: torch.device):
     """The decoder for sample grids, checked against the manifest; None when no tokenizer is given."""
-    if config.tokenizer is None:
+    if config.sample.tokenizer is None:
         return None
     from tokenizer import load_tokenizer
     from tokenizer.models import weights_fingerprint
 
-    tokenizer = load_tokenizer(config.tokenizer)
+    tokenizer = load_tokenizer(config.sample.tokenizer)
     if tokenizer.latent_channels != manifest["latent_shape"][0]:
-        raise ValueError(f"tokenizer {config.tokenizer} has {tokenizer.latent_channels} latent channels, the shards "
-                         f"have {manifest['latent_shape'][0]}")
-    if weights_fingerprint(config.tokenizer) != manifest["tokenizer"]["weights_sha256"]:
+        raise ValueError(f"tokenizer {config.sample.tokenizer} has {tokenizer.latent_channels} latent channels, "
+                         f"the shards have {manifest['latent_shape'][0]}")
+    if weights_fingerprint(config.sample.tokenizer) != manifest["tokenizer"]["weights_sha256"]:
         logger.warning("tokenizer %s is not the one that encoded %s (weights hash differs): grids may look wrong",
-                       config.tokenizer, config.shards)
+                       config.sample.tokenizer, config.data.shards)
     return tokenizer.to(device).eval().requires_grad_(False)
 
 
@@ -196,11 +199,11 @@ def write_sample_grid(dit: DiT, ema: EMA, tokenizer, config: GeneratorTrainConfi
     from pipelines.kit.generation import generate_latents
 
     device = next(dit.parameters()).device
-    labels = torch.arange(config.sample_images, device=device) % dit.config.num_classes  # (N,)
-    generator = torch.Generator(device=device).manual_seed(config.seed)
+    labels = torch.arange(config.sample.sample_images, device=device) % dit.config.num_classes  # (N,)
+    generator = torch.Generator(device=device).manual_seed(config.run.seed)
     with ema.swapped_in(dit):
-        latents = generate_latents(dit, labels, config.sample_steps, generator)  # (N, C, h, w)
-    images = tokenizer.decode(latents, steps=config.decode_steps, generator=generator)
+        latents = generate_latents(dit, labels, config.sample.sample_steps, generator)  # (N, C, h, w)
+    images = tokenizer.decode(latents, steps=config.sample.decode_steps, generator=generator)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_image((images.float().clamp(-1, 1) + 1) / 2, path, nrow=int(math.ceil(math.sqrt(len(labels)))))
 
@@ -221,52 +224,47 @@ def train_generator(config: GeneratorTrainConfig) -> TrainedGenerator:
     """Run (or resume) stage-2 training; the final EMA model is saved to `output_dir/model`."""
     from data.latent_shards import make_latent_loader
 
-    output_dir = Path(config.output_dir)
-    manifest = read_manifest(config.shards)  # before anything expensive: one-line error for a bad directory
+    output_dir = Path(config.run.output_dir)
+    manifest = read_manifest(config.data.shards)  # before anything expensive: one-line error for a bad directory
     dit_config = dit_config_from_manifest(config, manifest)
-    accelerator = make_accelerator(AcceleratorConfig(
-        mixed_precision=accelerate_mixed_precision(config.precision), gradient_accumulation_steps=config.grad_accum,
-        seed=config.seed, log_with=config.log_with,
-        project_dir=str(output_dir / "trackers") if config.log_with else None,
-        collective_timeout_s=config.collective_timeout_s, cpu=config.cpu,
-    ))
+    accelerator = make_run_accelerator(config.run, config.optim.grad_accum)
     device = accelerator.device
-    micro_batch = per_device_batch(config.batch_size, accelerator.num_processes, config.grad_accum)
+    micro_batch = per_device_batch(config.data.batch_size, accelerator.num_processes, config.optim.grad_accum)
     grid_tokenizer = _load_grid_tokenizer(config, manifest, device) if accelerator.is_main_process else None
 
     # --- network, optimiser, EMA
     dit = DiT(dit_config)
     num_parameters = count_parameters(dit)
-    optimizer = build_optimizer(dit, OptimizerConfig(lr=config.lr, betas=config.adam_betas,
-                                                     weight_decay=config.weight_decay))
-    scheduler = warmup_scheduler(optimizer, config.warmup_steps)
+    optimizer = build_optimizer(dit, OptimizerConfig(lr=config.optim.lr, betas=config.optim.adam_betas,
+                                                     weight_decay=config.optim.weight_decay))
+    scheduler = warmup_scheduler(optimizer, config.optim.warmup_steps)
     model, optimizer = accelerator.prepare(dit, optimizer)  # the loader is already split by rank: not prepared
     raw_dit: DiT = unwrap_model(model)
-    ema = EMA(raw_dit, config.ema_decay)
-    guard = NonFiniteGuard(config.max_nonfinite, accelerator)
-    schedule = schedule_on(linear_beta_schedule(config.diffusion_steps), device)
-    networks = [OptimizedModule("dit", model, optimizer, scheduler, config.grad_clip, ema, raw_dit)]
+    ema = EMA(raw_dit, config.optim.ema_decay)
+    guard = NonFiniteGuard(config.run.max_nonfinite, accelerator)
+    schedule = schedule_on(linear_beta_schedule(config.model.diffusion_steps), device)
+    networks = [OptimizedModule("dit", model, optimizer, scheduler, config.optim.grad_clip, ema, raw_dit)]
 
     # --- resume
-    manager = CheckpointManager(output_dir / "checkpoints", keep_last=config.keep_last, accelerator=accelerator)
+    manager = CheckpointManager(output_dir / "checkpoints", keep_last=config.run.keep_last, accelerator=accelerator)
     parts = dict(models={"dit": raw_dit}, emas={"dit": ema}, optimizers={"dit": optimizer},
                  schedulers={"dit": scheduler})
     start_step = 0
-    resume_from = manager.resolve(config.resume)
+    resume_from = manager.resolve(config.run.resume)
     if resume_from is not None:
         state = manager.load(resume_from, **parts)
         start_step = state.step
         guard.load_state_dict(state.extra.get("nonfinite_guard", guard.state_dict()))
         if accelerator.is_main_process:
             logger.info("resumed from %s at step %d", resume_from, start_step)
-    data_seed = stream_seed(config.seed, start_step)
+    data_seed = stream_seed(config.run.seed, start_step)
     loader, latent_dataset = make_latent_loader(
-        config.shards, micro_batch, accelerator.process_index, accelerator.num_processes,
-        num_workers=config.num_workers, resampled=True, shuffle_buffer=config.shuffle_buffer, seed=data_seed,
-        flip=True, sample_posterior=True, normalize=True, on_bad_shard=config.on_bad_shard,
+        config.data.shards, micro_batch, accelerator.process_index, accelerator.num_processes,
+        num_workers=config.data.num_workers, resampled=True, shuffle_buffer=config.data.shuffle_buffer, seed=data_seed,
+        flip=True, sample_posterior=True, normalize=True, on_bad_shard=config.data.on_bad_shard,
     )
     if accelerator.is_main_process:
-        logger.info("%s: %s parameters, latents %s, %d classes", config.model, f"{num_parameters:,}",
+        logger.info("%s: %s parameters, latents %s, %d classes", config.model.model, f"{num_parameters:,}",
                     manifest["latent_shape"], manifest["num_classes"])
 
     def save_checkpoint(step: int) -> Path:
@@ -281,7 +279,7 @@ def train_generator(config: GeneratorTrainConfig) -> TrainedGenerator:
         latents, labels = batch
         latents = latents.to(device, non_blocking=True)  # (B, C, h, w), normalised
         labels = labels.to(device, non_blocking=True)  # (B,)
-        t = torch.randint(0, config.diffusion_steps, (latents.shape[0],), device=device)  # (B,)
+        t = torch.randint(0, config.model.diffusion_steps, (latents.shape[0],), device=device)  # (B,)
         with accelerator.autocast():
             per_sample = epsilon_loss(model, schedule, latents, t, model_kwargs={"y": labels})  # (B,)
             loss = per_sample.mean()
@@ -290,27 +288,28 @@ def train_generator(config: GeneratorTrainConfig) -> TrainedGenerator:
             # bad shards / samples skipped by this process (DataLoader workers count in their own copy and name
             # each one in a warning)
             scalars={"loss": loss.detach(), "bad_shards_skipped": latent_dataset.bad_shards.count},
-            log_extra=lambda: quartile_losses(per_sample, t, accelerator, t_max=config.diffusion_steps),
+            log_extra=lambda: quartile_losses(per_sample, t, accelerator, t_max=config.model.diffusion_steps),
         )
 
     def write_grid(step: int) -> None:
-        if step % config.sample_every == 0 and grid_tokenizer is not None:
+        if step % config.sample.sample_every == 0 and grid_tokenizer is not None:
             write_sample_grid(raw_dit, ema, grid_tokenizer, config, output_dir / "samples" / f"step_{step:07d}.png")
 
-    metrics_log = MetricsLogger(output_dir / "metrics.jsonl", accelerator=accelerator, total_steps=config.max_steps,
+    metrics_log = MetricsLogger(output_dir / "metrics.jsonl", accelerator=accelerator,
+                                total_steps=config.optim.max_steps,
                                 initial_step=start_step, description="generator",
-                                tracker_project="generator" if config.log_with else None,
+                                tracker_project="generator" if config.run.log_with else None,
                                 tracker_config=config.to_dict())
     result = run_training_loop(
         accelerator, loader, step_body, networks,
-        LoopPlan(config.max_steps, config.log_every, config.checkpoint_every, config.max_minutes),
+        LoopPlan(config.optim.max_steps, config.run.log_every, config.run.checkpoint_every, config.run.max_minutes),
         start_step=start_step, guard=guard, metrics_log=metrics_log, save_checkpoint=save_checkpoint,
         resumed=resume_from is not None, after_update=write_grid, throughput_name="latents_per_s",
     )
     final_dir = output_dir / "model"
     if accelerator.is_main_process:
         save_final_model(raw_dit, ema, final_dir, {
-            "step": result.step, "num_parameters": num_parameters, "shards": str(config.shards),
+            "step": result.step, "num_parameters": num_parameters, "shards": str(config.data.shards),
             "num_samples": manifest["num_samples"], "tokenizer_weights_sha256": manifest["tokenizer"]["weights_sha256"],
             "bad_shards_skipped": latent_dataset.bad_shards.count,
         })

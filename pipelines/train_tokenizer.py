@@ -29,9 +29,9 @@ from pipelines.kit.ema import EMA, unwrap_model
 from pipelines.kit.logging import MetricsLogger
 from pipelines.kit.loop import (LoopPlan, NonFiniteGuard, OptimizedModule, StepOutput, quartile_losses,
                                  run_training_loop)
-from pipelines.kit.optim import OptimizerConfig, build_optimizer, warmup_scheduler
-from pipelines.kit.precision import accelerate_mixed_precision
-from pipelines.kit.run import AcceleratorConfig, make_accelerator, per_device_batch
+from pipelines.kit.config import SectionedConfig, require_at_least
+from pipelines.kit.optim import OptimizerConfig, TrainingOptimConfig, build_optimizer, warmup_scheduler
+from pipelines.kit.run import RunConfig, make_run_accelerator, per_device_batch
 from tokenizer import DEFAULT_DECODE_STEPS, EpsVAE, VAE, losses
 from tokenizer.objectives import Objective, TrainingOutputs
 from tokenizer.discriminator import DISCRIMINATOR_PRESETS, TrajectoryDiscriminator
@@ -42,33 +42,45 @@ MODEL_CLASSES = {"eps_vae": EpsVAE, "vae": VAE}
 
 
 @dataclass(frozen=True)
-class TokenizerTrainConfig:
-    """Everything a stage-1 run needs; saved in every checkpoint. Defaults are the paper's (appendix C.2)."""
+class TokenizerModelConfig:
+    """A preset pair plus overrides (gamma, latent_channels, downsample, conditioning, ...), or --init-from."""
 
-    output_dir: str = "runs/tokenizer"
-    # Model: a preset pair plus overrides (gamma, latent_channels, downsample, conditioning, ...), or --init-from.
     model_type: str = "eps_vae"  # "eps_vae" | "vae"
     encoder: str = "lite"
     decoder: str = "B"
     model_overrides: dict[str, Any] = field(default_factory=dict)
     init_from: str | None = None  # a save_pretrained dir: multi-stage training (128² then 256², Table 1 †)
     discriminator: str = "default"
-    # Data.
+
+    def __post_init__(self) -> None:
+        if self.model_type not in MODEL_CLASSES:
+            raise ValueError(f"model_type must be one of {sorted(MODEL_CLASSES)}, got {self.model_type!r}")
+        if self.discriminator not in DISCRIMINATOR_PRESETS:
+            raise ValueError(f"unknown discriminator preset {self.discriminator!r}; choose from {sorted(DISCRIMINATOR_PRESETS)}")
+
+
+@dataclass(frozen=True)
+class TokenizerDataConfig:
     data: str = "offline"
     resolution: int = 128
     batch_size: int = 256  # global: per_device × processes × grad_accum
     num_workers: int = 4
-    # Optimisation.
-    lr: float = 1e-4
+
+    def __post_init__(self) -> None:
+        require_at_least(self, 1, "resolution", "batch_size")
+
+
+@dataclass(frozen=True)
+class TokenizerOptimConfig(TrainingOptimConfig):
     disc_lr: float = 1e-4
-    adam_betas: tuple[float, float] = (0.0, 0.999)
-    warmup_steps: int = 5000
-    max_steps: int = 1_000_000
-    max_minutes: float | None = None  # stop (and save) after this much wall time
-    grad_accum: int = 1
-    grad_clip: float | None = 1.0
-    ema_decay: float = 0.999
-    # Losses.
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require_at_least(self, 0, "disc_lr")
+
+
+@dataclass(frozen=True)
+class TokenizerLossConfig:
     perceptual: str = "lpips-vgg"
     perceptual_weights: str | None = None
     perceptual_weight: float = 0.5
@@ -77,43 +89,37 @@ class TokenizerTrainConfig:
     r1_weight: float = 0.1  # γ_R1 / 2 in StyleGAN's notation, applied every r1_interval steps (lazy R1)
     r1_interval: int = 4
     reconstruction: str = "l1"  # baseline VAE only
-    max_nonfinite: int = 10
-    # Run.
-    precision: str = "no"
-    seed: int = 0
-    checkpoint_every: int = 1000
-    keep_last: int = 3
-    log_every: int = 10
+
+    def __post_init__(self) -> None:
+        require_at_least(self, 1, "r1_interval")
+        require_at_least(self, 0, "perceptual_weight", "adversarial_weight", "r1_weight")
+
+
+@dataclass(frozen=True)
+class TokenizerRunConfig(RunConfig):
     image_every: int = 1000
-    resume: str | None = None  # None | "auto" | a checkpoint dir
-    log_with: str | None = None
-    collective_timeout_s: float = 600.0
-    cpu: bool = False  # force CPU even where a GPU is visible (tests, CPU-only `accelerate launch`)
     # NHWC activations and weights for the convolutional nets: faster convolutions on tensor-core GPUs under
     # bf16 and on CPUs with oneDNN; checkpoints and saved weights are the same either way.
     channels_last: bool = False
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "adam_betas", tuple(self.adam_betas))
-        if self.model_type not in MODEL_CLASSES:
-            raise ValueError(f"model_type must be one of {sorted(MODEL_CLASSES)}, got {self.model_type!r}")
-        for name in ("resolution", "batch_size", "max_steps", "grad_accum", "checkpoint_every", "log_every",
-                     "image_every", "r1_interval", "keep_last"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("lr", "disc_lr", "perceptual_weight", "adversarial_weight", "r1_weight", "ema_decay"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.discriminator not in DISCRIMINATOR_PRESETS:
-            raise ValueError(f"unknown discriminator preset {self.discriminator!r}; choose from {sorted(DISCRIMINATOR_PRESETS)}")
+        super().__post_init__()
+        require_at_least(self, 1, "image_every")
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]):
-        """From `to_dict()` output, e.g. the `config.json` of a checkpoint (JSON lists become tuples)."""
-        return cls(**values)
+@dataclass(frozen=True)
+class TokenizerTrainConfig(SectionedConfig):
+    """Everything a stage-1 run needs; saved in every checkpoint. Defaults are the paper's (appendix C.2).
+    Build it flat with `TokenizerTrainConfig.from_flat(lr=..., output_dir=...)` (field names are unique)."""
+
+    model: TokenizerModelConfig = field(default_factory=TokenizerModelConfig)
+    data: TokenizerDataConfig = field(default_factory=TokenizerDataConfig)
+    optim: TokenizerOptimConfig = field(default_factory=lambda: TokenizerOptimConfig(
+        lr=1e-4, disc_lr=1e-4, adam_betas=(0.0, 0.999), warmup_steps=5000, max_steps=1_000_000, grad_accum=1,
+        grad_clip=1.0, ema_decay=0.999))
+    loss: TokenizerLossConfig = field(default_factory=TokenizerLossConfig)
+    run: TokenizerRunConfig = field(default_factory=lambda: TokenizerRunConfig(
+        output_dir="runs/tokenizer", checkpoint_every=1000, keep_last=3, log_every=10))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -123,16 +129,16 @@ class TokenizerTrainConfig:
 
 def build_tokenizer(config: TokenizerTrainConfig) -> EpsVAE | VAE:
     """The model to train: from presets + overrides, or from a trained directory (fine-tuning)."""
-    model_class = MODEL_CLASSES[config.model_type]
-    if config.init_from:
-        return model_class.from_pretrained(config.init_from)
-    return model_class.from_preset(config.encoder, config.decoder, **config.model_overrides)
+    model_class = MODEL_CLASSES[config.model.model_type]
+    if config.model.init_from:
+        return model_class.from_pretrained(config.model.init_from)
+    return model_class.from_preset(config.model.encoder, config.model.decoder, **config.model.model_overrides)
 
 
 def build_discriminator(config: TokenizerTrainConfig) -> TrajectoryDiscriminator:
     """6-channel time-conditioned trajectory discriminator for ε-VAE, 3-channel unconditional for the VAE."""
-    preset = DISCRIMINATOR_PRESETS[config.discriminator]
-    trajectory = config.model_type == "eps_vae"
+    preset = DISCRIMINATOR_PRESETS[config.model.discriminator]
+    trajectory = config.model.model_type == "eps_vae"
     disc_config = dataclasses.replace(preset, in_channels=6 if trajectory else 3, time_conditioned=trajectory)
     return TrajectoryDiscriminator(disc_config)
 
@@ -204,22 +210,22 @@ def build_train_loader(config: TokenizerTrainConfig, per_device_batch: int, rank
 
     from data.sources import build_image_dataset
 
-    dataset = build_image_dataset(config.data, split="train", resolution=config.resolution, train=True,
-                                  rank=rank, world_size=world_size, seed=config.seed)
+    dataset = build_image_dataset(config.data.data, split="train", resolution=config.data.resolution, train=True,
+                                  rank=rank, world_size=world_size, seed=config.run.seed)
     if isinstance(dataset, IterableDataset):
-        loader = DataLoader(dataset, batch_size=per_device_batch, num_workers=config.num_workers, drop_last=True)
+        loader = DataLoader(dataset, batch_size=per_device_batch, num_workers=config.data.num_workers, drop_last=True)
         return loader, None, None
-    if len(dataset) < config.batch_size // config.grad_accum:
-        raise ValueError(f"the training set has {len(dataset)} images, fewer than one batch ({config.batch_size})")
-    augmented = SeededAugmentation(dataset, config.seed)
-    sampler = EpochPermutationSampler(len(dataset), config.seed)
+    if len(dataset) < config.data.batch_size // config.optim.grad_accum:
+        raise ValueError(f"the training set has {len(dataset)} images, fewer than one batch ({config.data.batch_size})")
+    augmented = SeededAugmentation(dataset, config.run.seed)
+    sampler = EpochPermutationSampler(len(dataset), config.run.seed)
     loader = DataLoader(
         augmented,
         batch_size=per_device_batch,
         sampler=sampler,
-        num_workers=config.num_workers,
+        num_workers=config.data.num_workers,
         drop_last=True,
-        generator=torch.Generator().manual_seed(config.seed),  # keeps the global RNG out of loader start-up
+        generator=torch.Generator().manual_seed(config.run.seed),  # keeps the global RNG out of loader start-up
     )
     return loader, sampler, augmented
 
@@ -249,18 +255,18 @@ def generator_losses(
 
     The regression term is the objective's own (`objective.regression_term`: "score" or "rec").
     """
-    terms = {objective.regression_term: objective.regression_loss(out, images, config.reconstruction)}
-    if config.perceptual_weight > 0:
+    terms = {objective.regression_term: objective.regression_loss(out, images, config.loss.reconstruction)}
+    if config.loss.perceptual_weight > 0:
         terms["perceptual"] = perceptual(out.x_hat.float(), images.float())
-    if use_adversarial and config.adversarial_weight > 0:
+    if use_adversarial and config.loss.adversarial_weight > 0:
         if out.x_t is not None:  # trajectory matching on (x̂0_t, x_t), Eq. 12
             logits = discriminator(losses.trajectory_pair(out.x_hat, out.x_t), t)
         else:
             logits = discriminator(out.x_hat)
         terms["adv"] = losses.generator_adversarial_loss(logits)
     terms["kl"] = out.kl
-    weights = {"score": 1.0, "rec": 1.0, "perceptual": config.perceptual_weight,
-               "adv": config.adversarial_weight, "kl": kl_weight}
+    weights = {"score": 1.0, "rec": 1.0, "perceptual": config.loss.perceptual_weight,
+               "adv": config.loss.adversarial_weight, "kl": kl_weight}
     total = sum(weights[name] * value.mean() for name, value in terms.items())
     return total, terms
 
@@ -289,7 +295,7 @@ def discriminator_step_loss(
     if with_r1:
         # Gradient w.r.t. the input only: DDP's parameter hooks fire once, in the backward of the total.
         r1 = losses.r1_from_logits(real_logits, real)
-        loss = loss + config.r1_weight * config.r1_interval * r1
+        loss = loss + config.loss.r1_weight * config.loss.r1_interval * r1
         stats["r1"] = r1.detach()
     return loss, stats
 
@@ -298,18 +304,13 @@ def train_tokenizer(config: TokenizerTrainConfig) -> Path:
     """Run (or resume) stage-1 training; returns the directory of the final `save_pretrained` model."""
     from tokenizer.perceptual import build_perceptual
 
-    output_dir = Path(config.output_dir)
-    accelerator = make_accelerator(AcceleratorConfig(
-        mixed_precision=accelerate_mixed_precision(config.precision), gradient_accumulation_steps=config.grad_accum,
-        seed=config.seed, log_with=config.log_with,
-        project_dir=str(output_dir / "trackers") if config.log_with else None,
-        collective_timeout_s=config.collective_timeout_s, cpu=config.cpu,
-    ))
+    output_dir = Path(config.run.output_dir)
+    accelerator = make_run_accelerator(config.run, config.optim.grad_accum)
     device = accelerator.device
-    micro_batch = per_device_batch(config.batch_size, accelerator.num_processes, config.grad_accum)
+    micro_batch = per_device_batch(config.data.batch_size, accelerator.num_processes, config.optim.grad_accum)
     # Fail on missing perceptual weights before anything expensive happens.
-    perceptual = build_perceptual(config.perceptual if config.perceptual_weight > 0 else "none",
-                                  config.perceptual_weights).to(device)
+    perceptual = build_perceptual(config.loss.perceptual if config.loss.perceptual_weight > 0 else "none",
+                                  config.loss.perceptual_weights).to(device)
 
     # --- networks, optimisers, EMA
     tokenizer = build_tokenizer(config)
@@ -317,30 +318,31 @@ def train_tokenizer(config: TokenizerTrainConfig) -> Path:
     loader, sampler, augmented = build_train_loader(config, micro_batch, accelerator.process_index,
                                                     accelerator.num_processes)
     step_module = TokenizerTrainingStep(tokenizer)
-    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+    memory_format = torch.channels_last if config.run.channels_last else torch.contiguous_format
     for module in (step_module, discriminator, perceptual):
         module.to(memory_format=memory_format)
-    opt_g = build_optimizer(step_module, OptimizerConfig(lr=config.lr, betas=config.adam_betas))
-    opt_d = build_optimizer(discriminator, OptimizerConfig(lr=config.disc_lr, betas=config.adam_betas))
-    sched_g, sched_d = warmup_scheduler(opt_g, config.warmup_steps), warmup_scheduler(opt_d, config.warmup_steps)
+    opt_g = build_optimizer(step_module, OptimizerConfig(lr=config.optim.lr, betas=config.optim.adam_betas))
+    opt_d = build_optimizer(discriminator, OptimizerConfig(lr=config.optim.disc_lr, betas=config.optim.adam_betas))
+    sched_g = warmup_scheduler(opt_g, config.optim.warmup_steps)
+    sched_d = warmup_scheduler(opt_d, config.optim.warmup_steps)
     step_module, discriminator, opt_g, opt_d = accelerator.prepare(step_module, discriminator, opt_g, opt_d)
     if sampler is not None:  # webdataset streams are already split by rank inside the dataset
         loader = accelerator.prepare(loader)
     raw_tokenizer: EpsVAE | VAE = unwrap_model(step_module).tokenizer
     raw_discriminator: nn.Module = unwrap_model(discriminator)
     objective = raw_tokenizer.objective
-    ema = EMA(raw_tokenizer, config.ema_decay)
-    guard = NonFiniteGuard(config.max_nonfinite, accelerator)
-    networks = [OptimizedModule("g", step_module, opt_g, sched_g, config.grad_clip, ema, raw_tokenizer),
-                OptimizedModule("d", discriminator, opt_d, sched_d, config.grad_clip)]
+    ema = EMA(raw_tokenizer, config.optim.ema_decay)
+    guard = NonFiniteGuard(config.run.max_nonfinite, accelerator)
+    networks = [OptimizedModule("g", step_module, opt_g, sched_g, config.optim.grad_clip, ema, raw_tokenizer),
+                OptimizedModule("d", discriminator, opt_d, sched_d, config.optim.grad_clip)]
 
     # --- resume
-    manager = CheckpointManager(output_dir / "checkpoints", keep_last=config.keep_last, accelerator=accelerator)
+    manager = CheckpointManager(output_dir / "checkpoints", keep_last=config.run.keep_last, accelerator=accelerator)
     parts = dict(models={"tokenizer": raw_tokenizer, "discriminator": raw_discriminator}, emas={"tokenizer": ema},
                  optimizers={"generator": opt_g, "discriminator": opt_d},
                  schedulers={"generator": sched_g, "discriminator": sched_d})
     start_step, position = 0, {"epoch": 0, "batches_in_epoch": 0}
-    resume_from = manager.resolve(config.resume)
+    resume_from = manager.resolve(config.run.resume)
     if resume_from is not None:
         state = manager.load(resume_from, **parts)
         start_step = state.step
@@ -374,7 +376,7 @@ def train_tokenizer(config: TokenizerTrainConfig) -> Path:
     def step_body(batch, step: int) -> StepOutput:
         images = batch[0].to(device, non_blocking=True, memory_format=memory_format)
         latest_images[:] = [images]
-        use_adv = step >= config.disc_start and config.adversarial_weight > 0
+        use_adv = step >= config.loss.disc_start and config.loss.adversarial_weight > 0
         t = sample_training_time(raw_tokenizer, images.shape[0], device)
         # Drawn in logical (NCHW) order, so a channels-last run sees the same noise as a standard one.
         noise = torch.randn(images.shape, device=device, dtype=images.dtype).to(memory_format=memory_format)
@@ -387,7 +389,7 @@ def train_tokenizer(config: TokenizerTrainConfig) -> Path:
         _set_requires_grad(raw_discriminator, True)
         total_d, d_stats = None, {}
         if use_adv:
-            with_r1 = config.r1_weight > 0 and step % config.r1_interval == 0
+            with_r1 = config.loss.r1_weight > 0 and step % config.loss.r1_interval == 0
             with accelerator.autocast():
                 total_d, d_stats = discriminator_step_loss(config, discriminator, out, images, t, with_r1)
         scalars = {name: value.detach().float().mean() for name, value in terms.items()}
@@ -400,17 +402,18 @@ def train_tokenizer(config: TokenizerTrainConfig) -> Path:
                           log_extra=log_extra)
 
     def write_images(step: int) -> None:
-        if step % config.image_every == 0 and accelerator.is_main_process:
+        if step % config.run.image_every == 0 and accelerator.is_main_process:
             write_reconstruction_grid(raw_tokenizer, ema, latest_images[0][:8],
                                       output_dir / "images" / f"step_{step:07d}.png")
 
-    metrics_log = MetricsLogger(output_dir / "metrics.jsonl", accelerator=accelerator, total_steps=config.max_steps,
+    metrics_log = MetricsLogger(output_dir / "metrics.jsonl", accelerator=accelerator,
+                                total_steps=config.optim.max_steps,
                                 initial_step=start_step, description="tokenizer",
-                                tracker_project="tokenizer" if config.log_with else None,
+                                tracker_project="tokenizer" if config.run.log_with else None,
                                 tracker_config=config.to_dict())
     run_training_loop(
         accelerator, batches(), step_body, networks,
-        LoopPlan(config.max_steps, config.log_every, config.checkpoint_every, config.max_minutes),
+        LoopPlan(config.optim.max_steps, config.run.log_every, config.run.checkpoint_every, config.run.max_minutes),
         start_step=start_step, guard=guard, metrics_log=metrics_log, save_checkpoint=save_checkpoint,
         resumed=resume_from is not None, after_update=write_images, throughput_name="images_per_s",
     )

@@ -131,11 +131,13 @@ def _optional(convert: Callable[[str], object]) -> Callable[[str], object]:
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, config_class: type, skip: Sequence[str] = (),
-                         choices: dict[str, Sequence[str]] | None = None) -> None:
+                         choices: dict[str, Sequence[str]] | None = None, defaults: object = None) -> None:
     """One `--field-name` flag per field of a frozen config dataclass, typed from its annotation.
 
-    Defaults stay in the dataclass (one source of truth); flags left out are not passed, so
-    `config_from_arguments` only overrides what the user typed.
+    A field that is itself a config dataclass (a section of a nested config: `model`, `optim`, `run`, ...) is
+    recursed into, so its fields get flags of their own names (`--lr`, not `--optim-lr`); the help shows the
+    defaults of the enclosing config (its `default_factory`). Defaults stay in the dataclasses (one source of
+    truth); flags left out are not passed, so `config_from_arguments` only overrides what the user typed.
     """
     import dataclasses
     import typing
@@ -146,6 +148,11 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_class: type, sk
         if item.name in skip:
             continue
         hint = hints[item.name]
+        if dataclasses.is_dataclass(hint):
+            section_defaults = getattr(defaults, item.name) if defaults is not None else (
+                item.default_factory() if item.default_factory is not dataclasses.MISSING else None)
+            add_config_arguments(parser, hint, skip, choices, section_defaults)
+            continue
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         optional = type(None) in typing.get_args(hint)
         base = args[0] if optional and args else hint
@@ -162,19 +169,35 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_class: type, sk
         elif base in (int, float, str):
             kwargs["type"] = _optional(base) if optional else base
         else:
-            continue  # dicts and nested configs get dedicated flags in the script
-        default = item.default if item.default is not dataclasses.MISSING else None
+            continue  # dicts get dedicated flags in the script
+        if defaults is not None:
+            default = getattr(defaults, item.name)
+        else:
+            default = item.default if item.default is not dataclasses.MISSING else None
         parser.add_argument(flag, help=f"(default: {default})", **kwargs)
 
 
-def config_from_arguments(config_class: type, namespace: argparse.Namespace, **extra):
-    """Build the config from the flags the user gave plus `extra`; the dataclass validates the values."""
+def _leaf_names(config_class: type) -> set[str]:
+    """Field names of a config dataclass, those of its section dataclasses in place of the sections."""
     import dataclasses
+    import typing
 
-    names = {f.name for f in dataclasses.fields(config_class)}
+    hints = typing.get_type_hints(config_class)
+    names: set[str] = set()
+    for item in dataclasses.fields(config_class):
+        hint = hints[item.name]
+        names |= _leaf_names(hint) if dataclasses.is_dataclass(hint) else {item.name}
+    return names
+
+
+def config_from_arguments(config_class: type, namespace: argparse.Namespace, **extra):
+    """Build the config from the flags the user gave plus `extra`; the dataclass validates the values. A nested
+    config (`SectionedConfig`) is built with `from_flat`, which routes each flag to its section."""
+    names = _leaf_names(config_class)
     values = {k: v for k, v in vars(namespace).items() if k in names}
     values.update(extra)
-    return config_class(**values)
+    from_flat = getattr(config_class, "from_flat", None)
+    return from_flat(**values) if from_flat is not None else config_class(**values)
 
 
 def add_override_arguments(parser: argparse.ArgumentParser, flags: dict[str, tuple[type, str]], title: str) -> None:

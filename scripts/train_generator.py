@@ -16,7 +16,7 @@ import sys
 from _cli import ArgumentParser, run_main, training_config, training_parser
 
 MODEL_OVERRIDE_FLAGS = {
-    # flag: (type, help) — collected into GeneratorTrainConfig.model_overrides
+    # flag: (type, help) — collected into GeneratorTrainConfig.model.model_overrides
     "hidden_size": (int, "transformer width (preset: S 384, B 768, L 1024, XL 1152)"),
     "depth": (int, "number of DiT blocks"),
     "num_heads": (int, "attention heads"),

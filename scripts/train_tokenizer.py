@@ -14,7 +14,7 @@ import sys
 from _cli import ArgumentParser, run_main, training_config, training_parser
 
 MODEL_OVERRIDE_FLAGS = {
-    # flag: (type, help) — collected into TokenizerTrainConfig.model_overrides
+    # flag: (type, help) — collected into TokenizerTrainConfig.model.model_overrides
     "gamma": (float, "noise scaling γ of x_t (paper: 0.6 at 128²)"),
     "latent_channels": (int, "latent channels (4/8/16/32)"),
     "downsample": (int, "encoder downsample factor (4/8/16/32)"),

@@ -74,7 +74,7 @@ def _train_config(latent_dir: Path, output_dir: Path, **changes) -> GeneratorTra
                   batch_size=4, num_workers=0, shuffle_buffer=8, max_steps=3, checkpoint_every=100, log_every=1,
                   sample_every=100, sample_steps=4, sample_images=4, ema_decay=0.9, cpu=True)
     values.update(changes)
-    return GeneratorTrainConfig(**values)
+    return GeneratorTrainConfig.from_flat(**values)
 
 
 def _read_shard(path: Path) -> dict[str, dict]:
@@ -265,12 +265,12 @@ def test_resumed_run_continues_from_the_checkpoint_step(latent_dir, tmp_path):
 
 def test_config_rejects_bad_values():
     with pytest.raises(ValueError, match="unknown model"):
-        GeneratorTrainConfig(model="DiT-Q/2")
+        GeneratorTrainConfig.from_flat(model="DiT-Q/2")
     with pytest.raises(ValueError, match="override"):
-        GeneratorTrainConfig(model_overrides={"dropout": 0.1})
+        GeneratorTrainConfig.from_flat(model_overrides={"dropout": 0.1})
     with pytest.raises(ValueError, match="tokenizer"):
         CacheLatentsConfig(tokenizer=None)
-    assert dataclasses.asdict(GeneratorTrainConfig())["adam_betas"] == (0.9, 0.999)
+    assert dataclasses.asdict(GeneratorTrainConfig())["optim"]["adam_betas"] == (0.9, 0.999)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -323,7 +323,7 @@ _TWO_RANK_TRAIN = textwrap.dedent(
     from pipelines.train_generator import GeneratorTrainConfig, train_generator
 
     shards, out = sys.argv[1], Path(sys.argv[2])
-    config = GeneratorTrainConfig(shards=shards, output_dir=str(out), model="DiT-S/2",
+    config = GeneratorTrainConfig.from_flat(shards=shards, output_dir=str(out), model="DiT-S/2",
                                   model_overrides={"depth": 2, "hidden_size": 64, "num_heads": 2}, batch_size=8,
                                   num_workers=0, shuffle_buffer=8, max_steps=2, log_every=1, ema_decay=0.9,
                                   cpu=True, collective_timeout_s=120)

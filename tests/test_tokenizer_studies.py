@@ -89,7 +89,7 @@ def test_ladder_runs_skip_c_and_share_f_with_g():
 
 
 def _train_settings(spec, profile, tmp_path):
-    config = studies._train_config(spec, profile, tmp_path / spec.name, "offline", None, None).to_dict()
+    config = studies._train_config(spec, profile, tmp_path / spec.name, "offline", None, None).to_flat()
     for varied in ("output_dir", "init_from", "model_type", "encoder", "decoder", "perceptual_weight",
                    "adversarial_weight"):
         config.pop(varied)

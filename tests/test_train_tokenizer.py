@@ -27,7 +27,7 @@ def tiny_config(tmp_path: Path, **changes) -> TokenizerTrainConfig:
                   perceptual="none", perceptual_weight=0.0, checkpoint_every=1, keep_last=10, log_every=1,
                   image_every=1000, r1_interval=2, seed=3)
     values.update(changes)
-    return TokenizerTrainConfig(**values)
+    return TokenizerTrainConfig.from_flat(**values)
 
 
 @pytest.mark.parametrize("model_type,parameterization", [("eps_vae", "velocity"), ("eps_vae", "epsilon"), ("vae", None)])
@@ -69,7 +69,7 @@ def test_short_run_trains_every_part(tmp_path, model_type, perceptual):
     config = tiny_config(tmp_path, model_type=model_type, perceptual=perceptual, perceptual_weight=weight)
     final_dir = train_tokenizer(config)
 
-    records = [json.loads(line) for line in (Path(config.output_dir) / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (Path(config.run.output_dir) / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3]
     expected_terms = {"score" if model_type == "eps_vae" else "rec", "adv", "kl", "d_real_logit", "d_fake_logit"}
     if perceptual != "none":
@@ -78,7 +78,7 @@ def test_short_run_trains_every_part(tmp_path, model_type, perceptual):
         assert expected_terms <= set(record)
         assert all(record[k] is not None for k in expected_terms)  # None = non-finite in the JSONL
 
-    checkpoints = Path(config.output_dir) / "checkpoints"
+    checkpoints = Path(config.run.output_dir) / "checkpoints"
     first, last = sorted(p for p in checkpoints.iterdir() if p.is_dir())[0], checkpoints / "step_000000003"
     before = {**load_file(first / "model_tokenizer.safetensors"), **{
         "disc." + k: v for k, v in load_file(first / "model_discriminator.safetensors").items()}}
@@ -104,14 +104,14 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     train_tokenizer(resumed)
 
     for name in ("model_tokenizer", "model_discriminator", "ema_tokenizer"):
-        a = load_file(Path(straight.output_dir) / "checkpoints" / "step_000000004" / f"{name}.safetensors")
-        b = load_file(Path(resumed.output_dir) / "checkpoints" / "step_000000004" / f"{name}.safetensors")
+        a = load_file(Path(straight.run.output_dir) / "checkpoints" / "step_000000004" / f"{name}.safetensors")
+        b = load_file(Path(resumed.run.output_dir) / "checkpoints" / "step_000000004" / f"{name}.safetensors")
         assert a.keys() == b.keys()
         for key in a:
             assert torch.equal(a[key], b[key]), f"{name}.{key} differs after resume"
-    opt_a = torch.load(Path(straight.output_dir) / "checkpoints" / "step_000000004" / "optimizer_generator.pt",
+    opt_a = torch.load(Path(straight.run.output_dir) / "checkpoints" / "step_000000004" / "optimizer_generator.pt",
                        weights_only=True)
-    opt_b = torch.load(Path(resumed.output_dir) / "checkpoints" / "step_000000004" / "optimizer_generator.pt",
+    opt_b = torch.load(Path(resumed.run.output_dir) / "checkpoints" / "step_000000004" / "optimizer_generator.pt",
                        weights_only=True)
     for key, state in opt_a["state"].items():
         assert torch.equal(state["exp_avg"], opt_b["state"][key]["exp_avg"])
@@ -125,12 +125,12 @@ def test_channels_last_trains_the_same_model_and_resumes(tmp_path):
     train_tokenizer(tiny_config(tmp_path / "b", max_steps=2, adversarial_weight=0.5, channels_last=True,
                                 resume="auto"))
     for name in ("model_tokenizer", "model_discriminator"):
-        a = load_file(Path(standard.output_dir) / "checkpoints" / "step_000000002" / f"{name}.safetensors")
-        b = load_file(Path(nhwc.output_dir) / "checkpoints" / "step_000000002" / f"{name}.safetensors")
+        a = load_file(Path(standard.run.output_dir) / "checkpoints" / "step_000000002" / f"{name}.safetensors")
+        b = load_file(Path(nhwc.run.output_dir) / "checkpoints" / "step_000000002" / f"{name}.safetensors")
         assert a.keys() == b.keys()
         for key in a:  # only the convolution algorithms differ
             torch.testing.assert_close(b[key], a[key], rtol=1e-3, atol=1e-5, msg=f"{name}.{key}")
-    assert EpsVAE.from_pretrained(Path(nhwc.output_dir) / "model") is not None
+    assert EpsVAE.from_pretrained(Path(nhwc.run.output_dir) / "model") is not None
 
 
 def test_config_rejects_bad_values(tmp_path):

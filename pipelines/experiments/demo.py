@@ -21,54 +21,55 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from pipelines.train_generator import GeneratorTrainConfig
+from pipelines.train_tokenizer import TokenizerTrainConfig
 from tokenizer import DEFAULT_DECODE_STEPS
 
 STAGES = ("data", "tokenizer", "cache", "generator", "samples", "evaluate", "report")
 RECON_STEPS = (1, DEFAULT_DECODE_STEPS)  # reconstructions are shown after one decode step and after the default
 
 
-@dataclass(frozen=True)
-class DemoProfile:
-    """Sizes and budgets of one demo run. `default` fits 15 minutes on 2 CPU cores; `tiny` is for the tests."""
-
-    resolution: int = 64
-    # Stage 1: ε-VAE with 16× downsampling (the paper's ε-VAE-lite family, narrowed for CPU).
-    encoder: str = "tiny-lite"
-    decoder: str = "XS"
-    downsample: int = 16
-    latent_channels: int = 8
-    discriminator: str = "tiny"
-    # Minutes of CPU training are far too few for a zero-initialised UNet to learn to pass the noise through at
-    # t ≈ 1 (decodes stay noise); the skip preconditioning gives that for free (see flow.velocity_preconditioning).
-    preconditioning: str = "skip"
-    # Start the posterior nearly deterministic (std e^-3 instead of 1): at the reference init the sampling noise
-    # swamps the still-small latent means for much of a short run (measured: PSNR 13.3 -> 13.6 dB at 200 steps).
-    logvar_init: float = -6.0
-    # A few hundred CPU steps are all the tokenizer gets: train where the 3-step decode evaluates the model
-    # (t ≥ 0.77, flow.sample_time) and with momentum at a higher rate than the paper's (0, 0.999) / 1e-4.
-    time_location: float = 1.0
-    tokenizer_batch: int = 8
-    tokenizer_lr: float = 1e-3
-    tokenizer_betas: tuple[float, float] = (0.9, 0.999)
-    perceptual_weight: float = 1.0
+# Stage 1: ε-VAE with 16× downsampling (the paper's ε-VAE-lite family, narrowed for CPU). Output paths, the
+# resolution and the seed are the profile's and are set when the demo runs.
+DEMO_TOKENIZER = TokenizerTrainConfig.from_flat(
+    encoder="tiny-lite", decoder="XS", discriminator="tiny", data="offline", num_workers=1, batch_size=8,
+    model_overrides={
+        "downsample": 16, "latent_channels": 8,
+        # Minutes of CPU training are far too few for a zero-initialised UNet to learn to pass the noise through
+        # at t ≈ 1 (decodes stay noise); the skip preconditioning gives that for free
+        # (see flow.velocity_preconditioning).
+        "preconditioning": "skip",
+        # A few hundred CPU steps are all the tokenizer gets: train where the 3-step decode evaluates the model
+        # (t ≥ 0.77, flow.sample_time) and with momentum at a higher rate than the paper's (0, 0.999) / 1e-4.
+        "time_location": 1.0,
+        # Start the posterior nearly deterministic (std e^-3 instead of 1): at the reference init the sampling
+        # noise swamps the still-small latent means for much of a short run (measured: PSNR 13.3 -> 13.6 dB at
+        # 200 steps).
+        "logvar_init": -6.0},
+    lr=1e-3, disc_lr=1e-3, adam_betas=(0.9, 0.999), warmup_steps=50, max_steps=100_000, max_minutes=6.0,
+    ema_decay=0.98,  # the paper's 0.999 averages over more steps than the demo runs
+    perceptual="effnet-l0", perceptual_weight=1.0,
     # Off: switched on at 0.5 from step 50, a 5.5-minute run scored 1-step rFD 112.5 against 109.9 without
     # (measured); a few hundred steps are too few for trajectory matching to pay off.
-    adversarial_weight: float = 0.0
-    tokenizer_warmup: int = 50
-    tokenizer_max_steps: int = 100_000
-    tokenizer_minutes: float = 6.0
-    tokenizer_channels_last: bool = True  # measured 14% more steps per minute on 2 CPU cores
-    tokenizer_ema: float = 0.98  # the paper's 0.999 averages over more steps than the demo runs
-    disc_start: int = 100
-    # Stage 2: a small DiT over the 4×4 latent grid (patch 1 → 16 tokens).
-    dit_model: str = "DiT-S/2"
-    dit_overrides: dict[str, Any] = field(default_factory=lambda: {
-        "patch_size": 1, "depth": 4, "hidden_size": 128, "num_heads": 4})
-    dit_batch: int = 64
-    dit_lr: float = 3e-4
-    dit_max_steps: int = 100_000
-    dit_minutes: float = 2.0
-    dit_ema: float = 0.995
+    adversarial_weight=0.0, disc_start=100,
+    channels_last=True,  # measured 14% more steps per minute on 2 CPU cores
+    checkpoint_every=200, log_every=10, image_every=10**9, resume="auto")
+
+# Stage 2: a small DiT over the 4×4 latent grid (patch 1 → 16 tokens).
+DEMO_GENERATOR = GeneratorTrainConfig.from_flat(
+    model="DiT-S/2", model_overrides={"patch_size": 1, "depth": 4, "hidden_size": 128, "num_heads": 4},
+    batch_size=64, num_workers=0, lr=3e-4, ema_decay=0.995, max_steps=100_000, max_minutes=2.0,
+    checkpoint_every=1000, log_every=20, sample_every=10**9, resume="auto")
+
+
+@dataclass(frozen=True)
+class DemoProfile:
+    """Sizes and budgets of one demo run. `default` fits 15 minutes on 2 CPU cores; `tiny` is for the tests.
+    The two trainers' settings are whole trainer configs (`dataclasses.replace` / `override` of the above)."""
+
+    resolution: int = 64
+    tokenizer: TokenizerTrainConfig = DEMO_TOKENIZER
+    generator: GeneratorTrainConfig = DEMO_GENERATOR
     # Data and evaluation.
     train_crops_per_class: int | None = None  # None: the offline source's default
     val_crops_per_class: int | None = None
@@ -79,14 +80,26 @@ class DemoProfile:
     batch_size: int = 64
     seed: int = 0
 
+    def tokenizer_config(self, out: Path) -> TokenizerTrainConfig:
+        return self.tokenizer.override(output_dir=str(out / "tokenizer"), resolution=self.resolution, seed=self.seed)
+
+    def generator_config(self, out: Path) -> GeneratorTrainConfig:
+        return self.generator.override(shards=str(out / "latents"), output_dir=str(out / "generator"),
+                                       seed=self.seed)
+
 
 PROFILES: dict[str, DemoProfile] = {
     "default": DemoProfile(),
     "tiny": DemoProfile(
-        resolution=32, encoder="tiny", decoder="tiny", downsample=8, latent_channels=4, tokenizer_batch=4,
-        tokenizer_warmup=2, tokenizer_max_steps=3, tokenizer_minutes=1.0, adversarial_weight=0.5, disc_start=1,
-        dit_overrides={"patch_size": 2, "depth": 1, "hidden_size": 32, "num_heads": 2},
-        dit_batch=8, dit_max_steps=3, dit_minutes=1.0, train_crops_per_class=4, val_crops_per_class=4,
+        resolution=32,
+        tokenizer=DEMO_TOKENIZER.override(
+            encoder="tiny", decoder="tiny", batch_size=4, warmup_steps=2, max_steps=3, max_minutes=1.0,
+            adversarial_weight=0.5, disc_start=1,
+            model_overrides={**DEMO_TOKENIZER.model.model_overrides, "downsample": 8, "latent_channels": 4}),
+        generator=DEMO_GENERATOR.override(
+            model_overrides={"patch_size": 2, "depth": 1, "hidden_size": 32, "num_heads": 2}, batch_size=8,
+            max_steps=3, max_minutes=1.0),
+        train_crops_per_class=4, val_crops_per_class=4,
         grid_per_class=2, fd_images=12, ddpm_steps=10, decode_steps=2, batch_size=16),
 }
 
@@ -198,8 +211,8 @@ def _save_grid(images: np.ndarray, rows: int, path: Path, row_labels: list[str] 
 def run_demo(out_dir: str | Path = "runs/demo", profile_name: str = "default", fresh: bool = False) -> dict[str, Any]:
     """Run (or resume) every stage and return the metrics dict also written to `metrics.json`."""
     from pipelines.cache_latents import CacheLatentsConfig, cache_latents
-    from pipelines.train_generator import GeneratorTrainConfig, train_generator
-    from pipelines.train_tokenizer import TokenizerTrainConfig, train_tokenizer
+    from pipelines.train_generator import train_generator
+    from pipelines.train_tokenizer import train_tokenizer
 
     if profile_name not in PROFILES:
         raise ValueError(f"unknown demo profile {profile_name!r}; choose from {sorted(PROFILES)}")
@@ -218,19 +231,7 @@ def run_demo(out_dir: str | Path = "runs/demo", profile_name: str = "default", f
 
     data = run_stage(out, "data", data_stage)
 
-    tokenizer_config = TokenizerTrainConfig(
-        output_dir=str(out / "tokenizer"), model_type="eps_vae", encoder=profile.encoder, decoder=profile.decoder,
-        model_overrides={"downsample": profile.downsample, "latent_channels": profile.latent_channels,
-                         "preconditioning": profile.preconditioning, "time_location": profile.time_location,
-                         "logvar_init": profile.logvar_init},
-        discriminator=profile.discriminator, data="offline", resolution=profile.resolution,
-        batch_size=profile.tokenizer_batch, num_workers=1, lr=profile.tokenizer_lr, disc_lr=profile.tokenizer_lr,
-        adam_betas=profile.tokenizer_betas, perceptual_weight=profile.perceptual_weight,
-        adversarial_weight=profile.adversarial_weight,
-        warmup_steps=profile.tokenizer_warmup, max_steps=profile.tokenizer_max_steps,
-        max_minutes=profile.tokenizer_minutes, ema_decay=profile.tokenizer_ema, perceptual="effnet-l0",
-        disc_start=profile.disc_start, channels_last=profile.tokenizer_channels_last, checkpoint_every=200,
-        log_every=10, image_every=10**9, seed=profile.seed, resume="auto")
+    tokenizer_config = profile.tokenizer_config(out)
 
     def tokenizer_stage() -> dict[str, Any]:
         model_dir = train_tokenizer(tokenizer_config)
@@ -254,12 +255,7 @@ def run_demo(out_dir: str | Path = "runs/demo", profile_name: str = "default", f
     run_stage(out, "cache", cache_stage)
 
     def generator_stage() -> dict[str, Any]:
-        trained = train_generator(GeneratorTrainConfig(
-            shards=str(out / "latents"), output_dir=str(out / "generator"), model=profile.dit_model,
-            model_overrides=dict(profile.dit_overrides), batch_size=profile.dit_batch, num_workers=0,
-            lr=profile.dit_lr, ema_decay=profile.dit_ema, max_steps=profile.dit_max_steps,
-            max_minutes=profile.dit_minutes, checkpoint_every=1000, log_every=20, sample_every=10**9,
-            seed=profile.seed, resume="auto"))
+        trained = train_generator(profile.generator_config(out))
         return {"model_dir": str(trained.model_dir), "steps": trained.step, "parameters": trained.num_parameters,
                 "summary": f"{trained.step} steps, {trained.num_parameters:,} parameters"}
 
@@ -388,12 +384,13 @@ def write_report(out: Path, metrics: dict[str, Any], profile: DemoProfile) -> No
     stage_rows = "\n".join(f"| {name} | {seconds:.0f} |" for name, seconds in metrics["stage_seconds"].items())
     recon_rows = "\n".join(f"| {steps} | {rec[f'psnr_{steps}step']:.2f} | {rec[f'ssim_{steps}step']:.4f} | "
                            f"{rec[f'rfd_{steps}step']:.2f} |" for steps in dict.fromkeys(RECON_STEPS))
+    model, loss = profile.tokenizer.model.model_overrides, profile.tokenizer.loss
     text = f"""# ε-VAE + DiT offline demo
 
-Profile `{metrics['profile']}`: {profile.resolution}² crops of the bundled photos, ε-VAE with {profile.downsample}×
-downsampling and {profile.latent_channels} latent channels ({metrics['tokenizer_steps']} steps, velocity
-preconditioning `{profile.preconditioning}`, logit-normal t location {profile.time_location}, perceptual weight
-{profile.perceptual_weight}, adversarial weight {profile.adversarial_weight}), DiT
+Profile `{metrics['profile']}`: {profile.resolution}² crops of the bundled photos, ε-VAE with {model['downsample']}×
+downsampling and {model['latent_channels']} latent channels ({metrics['tokenizer_steps']} steps, velocity
+preconditioning `{model['preconditioning']}`, logit-normal t location {model['time_location']}, perceptual weight
+{loss.perceptual_weight}, adversarial weight {loss.adversarial_weight}), DiT
 ({metrics['generator_steps']} steps), DDPM {profile.ddpm_steps} steps + {profile.decode_steps}-step decoding.
 Distances are Fréchet distances in EfficientNet-Lite0 feature space (**FD-EffNetL0, not FID**).
 

@@ -406,7 +406,7 @@ def _train_config(spec: RunSpec, profile: StudyProfile, run_dir: Path, data: str
                   perceptual_weights: str | None):
     from pipelines.train_tokenizer import TokenizerTrainConfig
 
-    return TokenizerTrainConfig(
+    return TokenizerTrainConfig.from_flat(
         output_dir=str(run_dir / "train"), model_type=spec.model_type,
         encoder=spec.model_config.get("encoder_preset") or "custom",
         decoder=spec.model_config.get("decoder_preset") or "custom", init_from=str(run_dir / "init"),
@@ -423,7 +423,7 @@ def _train_config(spec: RunSpec, profile: StudyProfile, run_dir: Path, data: str
 
 def _spec_record(spec: RunSpec, train_config) -> dict[str, Any]:
     """What must match for a stored run to be reused (paths and the time cap may change between calls)."""
-    settings = {k: v for k, v in train_config.to_dict().items() if k not in ("output_dir", "init_from", "max_minutes")}
+    settings = {k: v for k, v in train_config.to_flat().items() if k not in ("output_dir", "init_from", "max_minutes")}
     return json.loads(json.dumps({"run": spec.to_dict(), "training": settings}))
 
 

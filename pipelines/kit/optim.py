@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from pipelines.kit.config import require_at_least
+
 
 @dataclass(frozen=True)
 class OptimizerConfig:
@@ -25,8 +27,27 @@ class OptimizerConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
-        if not self.weight_decay >= 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        require_at_least(self, 0, "weight_decay")
+
+
+@dataclass(frozen=True)
+class TrainingOptimConfig:
+    """The `optim` section both trainers share (each subclasses it for its extra fields and sets its defaults in
+    its config's `default_factory`): Adam lr and betas, linear warm-up, step budget, accumulation, clipping, EMA.
+    The defaults are DiT's (paper C.3), which stage 2 uses as they are."""
+
+    lr: float = 1e-4
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 0
+    max_steps: int = 400_000
+    grad_accum: int = 1
+    grad_clip: float | None = None  # None: measure the norm only
+    ema_decay: float = 0.9999
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "adam_betas", tuple(self.adam_betas))  # JSON lists → tuples
+        require_at_least(self, 1, "max_steps", "grad_accum")
+        require_at_least(self, 0, "lr", "ema_decay", "warmup_steps")
 
 
 OPTIMIZER_PRESETS: dict[str, OptimizerConfig] = {

@@ -9,16 +9,42 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+from pipelines.kit.config import require_at_least
 
 if TYPE_CHECKING:  # accelerate is imported lazily: `import pipelines.kit.run` stays cheap for scripts' --help.
     from accelerate import Accelerator
 
 MIXED_PRECISION_CHOICES = ("no", "bf16", "fp16")
 TRACKER_CHOICES = (None, "tensorboard")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The `run` section both trainers share: where outputs go, precision, seeds, checkpoint/log cadence, resume,
+    the wall-time cap and the non-finite policy. Each trainer sets its own defaults in its config's
+    `default_factory`."""
+
+    output_dir: str = "runs/train"
+    precision: str = "no"
+    seed: int = 0
+    checkpoint_every: int = 1000
+    keep_last: int = 3
+    log_every: int = 10
+    resume: str | None = None  # None | "auto" | a checkpoint dir
+    log_with: str | None = None
+    collective_timeout_s: float = 600.0
+    cpu: bool = False  # force CPU even where a GPU is visible (tests, CPU-only `accelerate launch`)
+    max_minutes: float | None = None  # stop (and save) after this much wall time
+    max_nonfinite: int = 10
+
+    def __post_init__(self) -> None:
+        require_at_least(self, 1, "checkpoint_every", "keep_last", "log_every")
 
 
 @dataclass(frozen=True)
@@ -36,8 +62,7 @@ class AcceleratorConfig:
     def __post_init__(self) -> None:
         if self.mixed_precision not in MIXED_PRECISION_CHOICES:
             raise ValueError(f"mixed_precision must be one of {MIXED_PRECISION_CHOICES}, got {self.mixed_precision!r}")
-        if self.gradient_accumulation_steps < 1:
-            raise ValueError(f"gradient_accumulation_steps must be >= 1, got {self.gradient_accumulation_steps}")
+        require_at_least(self, 1, "gradient_accumulation_steps")
         if not self.collective_timeout_s > 0:
             raise ValueError(f"collective_timeout_s must be > 0, got {self.collective_timeout_s}")
         if self.log_with not in TRACKER_CHOICES:
@@ -70,6 +95,18 @@ def make_accelerator(config: AcceleratorConfig) -> "Accelerator":
     )
     seed_everything(config.seed, rank=accelerator.process_index)
     return accelerator
+
+
+def make_run_accelerator(run: RunConfig, grad_accum: int) -> "Accelerator":
+    """A trainer's `Accelerator` from its `run` section (trackers write under `output_dir/trackers`)."""
+    from pipelines.kit.precision import accelerate_mixed_precision
+
+    return make_accelerator(AcceleratorConfig(
+        mixed_precision=accelerate_mixed_precision(run.precision), gradient_accumulation_steps=grad_accum,
+        seed=run.seed, log_with=run.log_with,
+        project_dir=str(Path(run.output_dir) / "trackers") if run.log_with else None,
+        collective_timeout_s=run.collective_timeout_s, cpu=run.cpu,
+    ))
 
 
 def seed_everything(seed: int, rank: int = 0) -> int:
