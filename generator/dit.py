@@ -11,9 +11,7 @@ The file ends in the size registry `DiT_models` ("DiT-S/2" ... "DiT-XL/8").
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import warnings
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -23,10 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tokenizer import pretrained
+
 MODEL_TYPE = "dit"
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-EMA_WEIGHTS_NAME = "ema.safetensors"
+WEIGHTS_NAME, EMA_WEIGHTS_NAME = pretrained.WEIGHTS_NAME, pretrained.LEGACY_EMA_WEIGHTS_NAME  # TEMP until sample.py moves
 TIMESTEP_FREQUENCY_DIM = 256  # DiT's TimestepEmbedder frequency size
 
 
@@ -50,6 +48,13 @@ class DiTConfig:
     latent_mean: tuple[float, ...] | None = None
     latent_std: tuple[float, ...] | None = None
     model_name: str | None = None
+    # What sampling needs besides the weights, so a folder copied anywhere works alone (recorded from the shard
+    # manifest at training time): the class names, and the tokenizer whose latents it learned (the sha256 of its
+    # weights, its downsampling factor and the image size the latents came from).
+    class_names: tuple[str, ...] | None = None
+    tokenizer_fingerprint: str | None = None
+    downsample: int | None = None
+    image_size: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "num_classes"):
@@ -74,6 +79,11 @@ class DiTConfig:
                 raise ValueError(f"DiTConfig.{name} has {len(value)} entries for {self.in_channels} latent channels")
         if self.latent_std is not None and min(self.latent_std) <= 0:
             raise ValueError(f"DiTConfig.latent_std must be positive, got {self.latent_std}")
+        if self.class_names is not None:
+            object.__setattr__(self, "class_names", tuple(str(name) for name in self.class_names))
+            if len(self.class_names) != self.num_classes:
+                raise ValueError(f"DiTConfig.class_names has {len(self.class_names)} names for {self.num_classes} "
+                                 "classes")
 
     @property
     def out_channels(self) -> int:
@@ -323,72 +333,50 @@ class DiT(nn.Module):
         """Build a registry preset; `input_size`, `in_channels`, `num_classes` are required overrides."""
         return cls(DiTConfig.from_name(name, **overrides))
 
-    def save_pretrained(self, directory: str | Path, ema_state_dict: Mapping[str, torch.Tensor] | None = None) -> None:
-        """Write config.json (`"model_type": "dit"`) + model.safetensors (+ ema.safetensors when an EMA state
-        dict is given; same signature as the tokenizer's `save_pretrained`)."""
-        from safetensors.torch import save_file
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        config = {"model_type": MODEL_TYPE, **self.config.to_dict()}
-        (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-        save_file(_tensors_for_saving(self.state_dict()), str(directory / WEIGHTS_NAME))
-        if ema_state_dict is not None:
-            save_file(_tensors_for_saving(ema_state_dict), str(directory / EMA_WEIGHTS_NAME))
+    def save_pretrained(self, directory: str | Path, raw_state_dict: Mapping[str, torch.Tensor] | None = None,
+                        training: Mapping[str, Any] | None = None) -> Path:
+        """Write the model folder (`tokenizer.pretrained`): config.json, model.safetensors (these weights),
+        raw.safetensors when `raw_state_dict` is given, and a model card with `training` facts."""
+        config = self.config
+        facts = {"architecture": f"{config.model_name or 'DiT'}: {config.depth} blocks, width {config.hidden_size}, "
+                                 f"{config.num_heads} heads, patch {config.patch_size}",
+                 "parameters": f"{sum(p.numel() for p in self.parameters()):,}",
+                 "latents": f"{config.in_channels}×{config.input_size}×{config.input_size}"
+                            + (f" ({config.image_size}px images, {config.downsample}x tokenizer)"
+                               if config.image_size else ""),
+                 "classes": config.num_classes,
+                 "tokenizer weights sha256": config.tokenizer_fingerprint, **(training or {})}
+        usage = ("from pipelines import GenerationPipeline\n"
+                 "pipe = GenerationPipeline.from_pretrained(\"this/folder\", \"its/tokenizer/folder\")\n"
+                 "images = pipe([0, 1, 2], generator=0, output_type=\"pil\")")
+        card = pretrained.model_card("Class-conditional DiT", "A DiT (Peebles & Xie, 2023) trained on the latents of "
+                                     "an ε-VAE tokenizer; DDPM, 250 sampling steps by default.", facts, usage)
+        return pretrained.save_folder(directory, type(self).__name__, MODEL_TYPE, config.to_dict(), self.state_dict(),
+                                      raw_state_dict, card)
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, use_ema: bool = False, device: str | torch.device = "cpu") -> "DiT":
-        """Rebuild from a `save_pretrained` directory; `use_ema` loads ema.safetensors when present."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
+    def from_pretrained(cls, name_or_path: str | Path, *, weights: str = "ema", device: str | torch.device | None = None,
+                        dtype: torch.dtype | str | None = None, use_ema: bool | None = None) -> "DiT":
+        """Rebuild from a local folder or a Hub id; `weights` "ema" (default) or "raw" (see `tokenizer.pretrained`).
 
-        config = load_config(directory)
-        directory = Path(directory)
-        weights = directory / WEIGHTS_NAME
-        if use_ema:
-            if (directory / EMA_WEIGHTS_NAME).is_file():
-                weights = directory / EMA_WEIGHTS_NAME
-            else:
-                warnings.warn(f"{directory} has no {EMA_WEIGHTS_NAME}; loading {WEIGHTS_NAME} instead", stacklevel=2)
-        if not weights.is_file():
-            raise FileNotFoundError(f"DiT weights not found: {weights}")
-        try:
-            state = load_file(str(weights), device=str(device))
-        except (SafetensorError, OSError, ValueError) as error:
-            raise ValueError(f"cannot read DiT weights {weights}: {error}") from None
-        model = cls(config).to(device)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ValueError(f"{weights} does not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
-        return model
+        `use_ema` is the format-1 spelling (True: "ema"; False: model.safetensors).
+        """
+        directory = pretrained.resolve_model_dir(name_or_path, "DiT")
+        model = cls(load_config(directory))
+        if use_ema is False and (directory / pretrained.LEGACY_EMA_WEIGHTS_NAME).is_file():
+            weights = "raw"
+        pretrained.load_weights(model, directory, weights)
+        return pretrained.place(model, device, dtype)
 
 
-def load_config(directory: str | Path) -> DiTConfig:
-    """Read and validate a DiT directory's config.json (one-line errors for every way it can be wrong)."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"DiT directory not found: {directory}")
-    path = directory / CONFIG_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"no {CONFIG_NAME} in DiT directory {directory}")
-    try:
-        values = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"corrupt {path}: {error}") from None
-    if not isinstance(values, dict):
-        raise ValueError(f"corrupt {path}: expected a JSON object")
-    model_type = values.pop("model_type", None)
-    if model_type != MODEL_TYPE:
-        raise ValueError(f"{directory} holds model_type {model_type!r}, not a {MODEL_TYPE!r} generator")
+def load_config(name_or_path: str | Path) -> DiTConfig:
+    """Read and validate a DiT folder's config.json (one-line errors for every way it can be wrong)."""
+    directory = pretrained.resolve_model_dir(name_or_path, "DiT")
+    _, values = pretrained.read_config(directory, {MODEL_TYPE: "DiT"})
     try:
         return DiTConfig.from_dict(values)
     except TypeError as error:
-        raise ValueError(f"bad DiT config in {path}: {error}") from None
-
-
-def _tensors_for_saving(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    # safetensors refuses shared or non-contiguous storage; each tensor gets its own contiguous copy.
-    return {name: tensor.detach().cpu().contiguous().clone() for name, tensor in state.items()}
+        raise ValueError(f"bad DiT config in {directory / pretrained.CONFIG_NAME}: {error}") from None
 
 
 # ---------------------------------------------------------------------------------------------- registry

@@ -8,6 +8,18 @@
 - `pipelines.experiments`: the paper's controlled studies, the throughput benchmark and the offline demo; they
   run jobs, nothing imports them.
 
-Argument parsing lives in `scripts/`. Nothing is imported here so that `import pipelines.<job>` (and each
+Argument parsing lives in `scripts/`. Only `GenerationPipeline` is exported (lazily), so that `import pipelines.<job>` (and each
 script's `--help`) stays fast.
 """
+
+
+def __getattr__(name: str):
+    """`from pipelines import GenerationPipeline` works without importing torch for every script's --help."""
+    if name == "GenerationPipeline":
+        from pipelines.kit.generation import GenerationPipeline
+
+        return GenerationPipeline
+    raise AttributeError(f"module 'pipelines' has no attribute {name!r}")
+
+
+__all__ = ["GenerationPipeline"]

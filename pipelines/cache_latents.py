@@ -209,6 +209,25 @@ def verify_cache(out_dir: str | os.PathLike) -> VerifyReport:
     return report
 
 
+def record_latent_statistics(tokenizer_dir: str | os.PathLike, manifest: dict[str, Any]) -> None:
+    """Write the measured latent mean/std into the tokenizer's own config.json (what `encode(normalize=True)`
+    and a diffusion model on its latents need), so the folder carries them wherever it is copied.
+
+    A read-only folder or a Hub cache snapshot (symlinked files) is left untouched, with a warning: the
+    statistics are in the shard manifest either way.
+    """
+    from tokenizer.pretrained import CONFIG_NAME, update_config
+
+    path = Path(tokenizer_dir) / CONFIG_NAME
+    stats = {"latent_mean": [float(v) for v in manifest["latent_mean"]],
+             "latent_std": [float(v) for v in manifest["latent_std"]]}
+    if path.is_symlink() or not os.access(path.parent, os.W_OK):
+        logger.warning("tokenizer folder %s is not writable: latent statistics stay in the manifest only",
+                       tokenizer_dir)
+        return
+    update_config(path.parent, **stats)
+
+
 def cache_latents(config: CacheLatentsConfig) -> CacheResult:
     """Encode `config.data` with the tokenizer into `config.output_dir` (every rank calls this); see module doc."""
     from tqdm.auto import tqdm
@@ -308,7 +327,10 @@ def cache_latents(config: CacheLatentsConfig) -> CacheResult:
 
     manifest: dict[str, Any] = {}
     if accelerator.is_main_process:
-        tokenizer_config = json.loads((Path(config.tokenizer) / "config.json").read_text())
+        # The architecture only: the latent statistics this job writes into the folder are the manifest's own.
+        tokenizer_config = {key: value for key, value in
+                            json.loads((Path(config.tokenizer) / "config.json").read_text()).items()
+                            if key not in ("latent_mean", "latent_std")}
         manifest = merge_manifests(
             str(out_dir), tokenizer_config=tokenizer_config, tokenizer_weights_sha256=weights_sha,
             class_names=class_names,
@@ -316,6 +338,7 @@ def cache_latents(config: CacheLatentsConfig) -> CacheResult:
                    "encoder": {"downsample": tokenizer.downsample, "latent_channels": tokenizer.latent_channels},
                    "storage_dtype": config.storage_dtype},
         )
+        record_latent_statistics(config.tokenizer, manifest)
         if config.verify:
             verify_cache(out_dir)
         logger.info("cached %d new latents in %.1f s (%.1f images/s); manifest holds %d", encoded_all, seconds_all,

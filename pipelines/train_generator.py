@@ -16,7 +16,6 @@ run is reproducible given the steps it was resumed at (but not bit-identical to 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ import torch
 from generator.diffusion import DiffusionSchedule, epsilon_loss, linear_beta_schedule
 from generator.dit import DiT, DiTConfig, DiT_models
 from pipelines.kit.checkpoints import CheckpointManager
-from pipelines.kit.ema import EMA, unwrap_model
+from pipelines.kit.ema import EMA, save_final_model, unwrap_model
 from pipelines.kit.logging import MetricsLogger
 from pipelines.kit.loop import LoopPlan, NonFiniteGuard, OptimizedModule, StepOutput, quartile_losses, run_training_loop
 from pipelines.kit.config import SectionedConfig, require_at_least
@@ -165,8 +164,22 @@ def dit_config_from_manifest(config: GeneratorTrainConfig, manifest: dict[str, A
         class_dropout_prob=config.model.class_dropout_prob, learn_sigma=config.model.learn_sigma,
         qk_norm=config.model.qk_norm,
         latent_mean=tuple(float(m) for m in manifest["latent_mean"]), latent_std=tuple(std),
-        **config.model.model_overrides,
+        **_provenance_fields(manifest), **config.model.model_overrides,
     )
+
+
+def _provenance_fields(manifest: dict[str, Any]) -> dict[str, Any]:
+    """What sampling needs from the shard manifest, copied into the DiT's own config (a folder copied anywhere
+    keeps its class names and knows its tokenizer)."""
+    names = manifest.get("class_names")
+    fields = {"class_names": tuple(names) if names and len(names) == int(manifest["num_classes"]) else None,
+              "tokenizer_fingerprint": (manifest.get("tokenizer") or {}).get("weights_sha256")}
+    encoder, source = manifest.get("encoder") or {}, manifest.get("source") or {}
+    if "downsample" in encoder:
+        fields["downsample"] = int(encoder["downsample"])
+    if "resolution" in source:
+        fields["image_size"] = int(source["resolution"])
+    return fields
 
 
 def schedule_on(schedule: DiffusionSchedule, device: torch.device) -> DiffusionSchedule:
@@ -206,13 +219,6 @@ def write_sample_grid(dit: DiT, ema: EMA, tokenizer, config: GeneratorTrainConfi
     images = tokenizer.decode(latents, steps=config.sample.decode_steps, generator=generator)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_image((images.float().clamp(-1, 1) + 1) / 2, path, nrow=int(math.ceil(math.sqrt(len(labels)))))
-
-
-def save_final_model(dit: DiT, ema: EMA, directory: Path, extra: dict[str, Any]) -> None:
-    """save_pretrained with the EMA weights as `model.safetensors` (what sampling loads) and in `ema.safetensors`."""
-    with ema.swapped_in(dit):
-        dit.save_pretrained(directory, ema_state_dict=ema.state_dict())
-    (directory / "training.json").write_text(json.dumps({"ema_decay": ema.decay, **extra}, indent=2))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -311,7 +317,7 @@ def train_generator(config: GeneratorTrainConfig) -> TrainedGenerator:
         save_final_model(raw_dit, ema, final_dir, {
             "step": result.step, "num_parameters": num_parameters, "shards": str(config.data.shards),
             "num_samples": manifest["num_samples"], "tokenizer_weights_sha256": manifest["tokenizer"]["weights_sha256"],
-            "bad_shards_skipped": latent_dataset.bad_shards.count,
+            "global_batch_size": config.data.batch_size, "bad_shards_skipped": latent_dataset.bad_shards.count,
         })
     accelerator.wait_for_everyone()
     return TrainedGenerator(final_dir, result.step, raw_dit, ema, num_parameters)

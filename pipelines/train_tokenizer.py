@@ -14,7 +14,6 @@ discriminator forward without a backward. The discriminator step goes through th
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pipelines.kit.checkpoints import CheckpointManager
-from pipelines.kit.ema import EMA, unwrap_model
+from pipelines.kit.ema import EMA, save_final_model, unwrap_model
 from pipelines.kit.logging import MetricsLogger
 from pipelines.kit.loop import (LoopPlan, NonFiniteGuard, OptimizedModule, StepOutput, quartile_losses,
                                  run_training_loop)
@@ -411,7 +410,7 @@ def train_tokenizer(config: TokenizerTrainConfig) -> Path:
                                 initial_step=start_step, description="tokenizer",
                                 tracker_project="tokenizer" if config.run.log_with else None,
                                 tracker_config=config.to_dict())
-    run_training_loop(
+    result = run_training_loop(
         accelerator, batches(), step_body, networks,
         LoopPlan(config.optim.max_steps, config.run.log_every, config.run.checkpoint_every, config.run.max_minutes),
         start_step=start_step, guard=guard, metrics_log=metrics_log, save_checkpoint=save_checkpoint,
@@ -419,16 +418,12 @@ def train_tokenizer(config: TokenizerTrainConfig) -> Path:
     )
     final_dir = output_dir / "model"
     if accelerator.is_main_process:
-        save_final_model(raw_tokenizer, ema, final_dir)
+        save_final_model(raw_tokenizer, ema, final_dir, {
+            "step": result.step,
+            "data": str(config.data.data), "resolution": config.data.resolution,
+            "global_batch_size": config.data.batch_size})
     accelerator.wait_for_everyone()
     return final_dir
-
-
-def save_final_model(tokenizer: EpsVAE | VAE, ema: EMA, directory: Path) -> None:
-    """save_pretrained with the EMA weights as the model's weights (what users decode with)."""
-    with ema.swapped_in(tokenizer):
-        tokenizer.save_pretrained(directory)
-    (directory / "training.json").write_text(json.dumps({"ema_decay": ema.decay}, indent=2))
 
 
 @torch.no_grad()

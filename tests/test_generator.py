@@ -293,26 +293,29 @@ def test_label_dropout_and_timestep_types():
     assert torch.equal(model.drop_labels(y), y)
 
 
-def test_save_load_round_trip_and_ema(tmp_path):
+def test_save_load_round_trip_and_raw_weights(tmp_path):
     model = _random_tiny_dit(latent_mean=[0.1, -0.2, 0.3], latent_std=(1.5, 2.0, 0.5), qk_norm=True)
-    ema = _random_tiny_dit(latent_mean=[0.1, -0.2, 0.3], latent_std=(1.5, 2.0, 0.5), qk_norm=True)
-    model.save_pretrained(tmp_path / "dit", ema_state_dict=ema.state_dict())
+    raw = _random_tiny_dit(latent_mean=[0.1, -0.2, 0.3], latent_std=(1.5, 2.0, 0.5), qk_norm=True)
+    model.save_pretrained(tmp_path / "dit", raw_state_dict=raw.state_dict())
     saved = json.loads((tmp_path / "dit" / "config.json").read_text())
-    assert saved["model_type"] == "dit" and saved["latent_mean"] == [0.1, -0.2, 0.3]
+    assert saved["model_type"] == "dit" and saved["_class_name"] == "DiT" and saved["latent_mean"] == [0.1, -0.2, 0.3]
+    assert "DiT" in (tmp_path / "dit" / "README.md").read_text()  # the generated model card
 
     loaded = DiT.from_pretrained(tmp_path / "dit").eval()
     assert loaded.config == model.config and loaded.config.latent_std == (1.5, 2.0, 0.5)
     x, t, y = torch.randn(2, 3, 8, 8), torch.tensor([3, 700]), torch.tensor([0, 4])
     with torch.no_grad():
         assert torch.equal(loaded(x, t, y), model(x, t, y))
-        assert torch.equal(DiT.from_pretrained(tmp_path / "dit", use_ema=True).eval()(x, t, y), ema(x, t, y))
+        assert torch.equal(DiT.from_pretrained(tmp_path / "dit", weights="raw").eval()(x, t, y), raw(x, t, y))
     latents = torch.randn(2, 3, 8, 8)
     torch.testing.assert_close(loaded.denormalize_latents(loaded.normalize_latents(latents)), latents)
     assert torch.allclose(loaded.normalize_latents(latents)[:, 1], (latents[:, 1] + 0.2) / 2.0)
 
-    model.save_pretrained(tmp_path / "no_ema")
-    with pytest.warns(UserWarning, match="ema"):
-        DiT.from_pretrained(tmp_path / "no_ema", use_ema=True)
+    model.save_pretrained(tmp_path / "dit")  # a re-save without raw weights drops the stale ones
+    with pytest.raises(FileNotFoundError, match="no raw weights"):
+        DiT.from_pretrained(tmp_path / "dit", weights="raw")
+    half = DiT.from_pretrained(tmp_path / "dit", dtype=torch.bfloat16)
+    assert next(half.parameters()).dtype == torch.bfloat16
 
 
 def test_from_pretrained_errors(tmp_path):
@@ -323,7 +326,7 @@ def test_from_pretrained_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         DiT.from_pretrained(empty)
     (empty / "config.json").write_text("{not json")
-    with pytest.raises(ValueError, match="corrupt"):
+    with pytest.raises(ValueError, match="not valid JSON"):
         DiT.from_pretrained(empty)
     (empty / "config.json").write_text(json.dumps({"model_type": "eps_vae", "latent_channels": 4}))
     with pytest.raises(ValueError, match="eps_vae"):
@@ -334,7 +337,7 @@ def test_from_pretrained_errors(tmp_path):
 
     _random_tiny_dit().save_pretrained(tmp_path / "ok")
     (tmp_path / "ok" / "model.safetensors").write_bytes(b"garbage")
-    with pytest.raises(ValueError, match="weights"):
+    with pytest.raises(ValueError, match="cannot load"):
         DiT.from_pretrained(tmp_path / "ok")
     (tmp_path / "ok" / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="weights"):

@@ -307,7 +307,7 @@ def test_eps_vae_save_load_round_trip(tmp_path):
     _randomize_zero_layers(model)
     model.save_pretrained(tmp_path / "eps")
     config = json.loads((tmp_path / "eps" / "config.json").read_text())
-    assert config["model_type"] == "eps_vae" and config["format_version"] == 1
+    assert config["model_type"] == "eps_vae" and config["format_version"] == 2 and config["_class_name"] == "EpsVAE"
     loaded = EpsVAE.from_pretrained(tmp_path / "eps")
     assert loaded.config == model.config
     x = _images()
@@ -331,21 +331,34 @@ def test_vae_save_load_round_trip(tmp_path):
     assert isinstance(load_tokenizer(tmp_path / "vae"), VAE)
 
 
-def test_from_pretrained_loads_ema_weights(tmp_path):
+def test_from_pretrained_picks_ema_or_raw_weights(tmp_path):
     model = VAE.from_preset("tiny", "tiny")
-    ema = {name: torch.full_like(value, 0.5) if value.is_floating_point() else value
+    raw = {name: torch.full_like(value, 0.5) if value.is_floating_point() else value
            for name, value in model.state_dict().items()}
-    model.save_pretrained(tmp_path, ema_state_dict=ema)
-    assert torch.all(VAE.from_pretrained(tmp_path, use_ema=True).encoder.conv_in.weight == 0.5)
+    model.save_pretrained(tmp_path, raw_state_dict=raw)
+    assert torch.all(VAE.from_pretrained(tmp_path, weights="raw").encoder.conv_in.weight == 0.5)
     torch.testing.assert_close(VAE.from_pretrained(tmp_path).encoder.conv_in.weight, model.encoder.conv_in.weight)
-    (tmp_path / "ema.safetensors").unlink()
-    with pytest.warns(UserWarning, match="ema.safetensors"):
-        VAE.from_pretrained(tmp_path, use_ema=True)
+    with pytest.raises(ValueError, match="weights must be one of"):
+        VAE.from_pretrained(tmp_path, weights="best")
+
+
+def test_format_1_folders_with_an_ema_copy_still_load(tmp_path):
+    """Format 1 wrote model.safetensors (raw) + ema.safetensors; use_ema picked between them."""
+    from safetensors.torch import save_file
+
+    model = VAE.from_preset("tiny", "tiny")
+    model.save_pretrained(tmp_path)
+    ema = {name: torch.full_like(value, 0.25) for name, value in model.state_dict().items()}
+    save_file({k: v.contiguous() for k, v in ema.items()}, str(tmp_path / "ema.safetensors"))
+    assert torch.all(VAE.from_pretrained(tmp_path).encoder.conv_in.weight == 0.25)  # EMA is the default
+    assert torch.all(VAE.from_pretrained(tmp_path, use_ema=True).encoder.conv_in.weight == 0.25)
+    torch.testing.assert_close(VAE.from_pretrained(tmp_path, use_ema=False).encoder.conv_in.weight,
+                               model.encoder.conv_in.weight)
 
 
 def test_from_pretrained_errors(tmp_path):
     VAE.from_preset("tiny", "tiny").save_pretrained(tmp_path / "vae")
-    with pytest.raises(ValueError, match="'vae' model"):
+    with pytest.raises(ValueError, match="model_type 'vae'"):
         EpsVAE.from_pretrained(tmp_path / "vae")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         EpsVAE.from_pretrained(tmp_path / "missing")
@@ -355,7 +368,7 @@ def test_from_pretrained_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_tokenizer(other)
     (other / "config.json").write_text(json.dumps({"model_type": "dit", "depth": 28}))
-    with pytest.raises(ValueError, match="not a tokenizer"):
+    with pytest.raises(ValueError, match="not one of"):
         load_tokenizer(other)
     (other / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):

@@ -15,25 +15,21 @@ class they hold.
 from __future__ import annotations
 
 import dataclasses
-import json
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from tokenizer import flow
-from tokenizer.objectives import DEFAULT_DECODE_STEPS, OBJECTIVES, Generators
+from tokenizer import flow, pretrained
 from tokenizer.encoder import (ENCODER_PRESETS, DiagonalGaussian, EncoderConfig, build_encoder,
                                multipliers_for_downsample)
 from tokenizer.unet import ADM_PRESETS, CONDITIONING_MODES, ADMConfig, build_adm_unet
+from tokenizer.image_io import image_batch
+from tokenizer.objectives import DEFAULT_DECODE_STEPS, OBJECTIVES, Generators
+from tokenizer.tiling import tiled_decode
 from tokenizer.vae_decoder import VAE_DECODER_PRESETS, VAEDecoderConfig, build_vae_decoder
 
-FORMAT_VERSION = 1
-CONFIG_NAME, WEIGHTS_NAME, EMA_WEIGHTS_NAME = "config.json", "model.safetensors", "ema.safetensors"
 PARAMETERIZATIONS = ("velocity", "epsilon")  # the ε-VAE objectives of tokenizer.objectives
 
 
@@ -41,6 +37,21 @@ PARAMETERIZATIONS = ("velocity", "epsilon")  # the ε-VAE objectives of tokenize
 def _check_choice(name: str, value, choices) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+
+
+def _check_latent_stats(config) -> None:
+    """Both or neither statistic, one entry per latent channel, positive std (JSON lists become tuples)."""
+    if (config.latent_mean is None) != (config.latent_std is None):
+        raise ValueError("latent_mean and latent_std must be given together")
+    if config.latent_mean is None:
+        return
+    for name in ("latent_mean", "latent_std"):
+        value = tuple(float(v) for v in getattr(config, name))
+        object.__setattr__(config, name, value)
+        if len(value) != config.encoder.latent_channels:
+            raise ValueError(f"{name} has {len(value)} entries for {config.encoder.latent_channels} latent channels")
+    if min(config.latent_std) <= 0:
+        raise ValueError(f"latent_std must be positive, got {config.latent_std}")
 
 
 @dataclass(frozen=True)
@@ -63,6 +74,11 @@ class EpsVAEConfig:
     kl_weight: float = 1e-6
     encoder_preset: str | None = None  # names the configs came from, for reference only
     decoder_preset: str | None = None
+    # Per-channel mean/std of the latents, measured by scripts/cache_latents.py over the data it encoded (the
+    # diffusers VAE's shift/scaling factor): `encode(x, normalize=True)` gives unit-variance latents for a
+    # diffusion model, `decode(z, normalized=True)` undoes it. None until latents were cached.
+    latent_mean: tuple[float, ...] | None = None
+    latent_std: tuple[float, ...] | None = None
 
     def __post_init__(self):
         if isinstance(self.encoder, dict):
@@ -81,6 +97,7 @@ class EpsVAEConfig:
         if self.ddpm_num_steps < 1 or self.kl_weight < 0:
             raise ValueError(f"need ddpm_num_steps >= 1 and kl_weight >= 0, got {self.ddpm_num_steps}, "
                              f"{self.kl_weight}")
+        _check_latent_stats(self)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -99,6 +116,8 @@ class VAEConfig:
     kl_weight: float = 1e-6
     encoder_preset: str | None = None
     decoder_preset: str | None = None
+    latent_mean: tuple[float, ...] | None = None  # as in EpsVAEConfig
+    latent_std: tuple[float, ...] | None = None
 
     def __post_init__(self):
         if isinstance(self.encoder, dict):
@@ -107,6 +126,7 @@ class VAEConfig:
             object.__setattr__(self, "decoder", VAEDecoderConfig.from_dict(self.decoder))
         if self.kl_weight < 0:
             raise ValueError(f"kl_weight must be >= 0, got {self.kl_weight}")
+        _check_latent_stats(self)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -148,73 +168,60 @@ def _config_from_presets(config_cls, decoder_presets: dict, encoder: str, decode
                       **{"encoder_preset": encoder, "decoder_preset": decoder, **overrides})
 
 
-# -------------------------------------------------------------------------------------------------- save / load
-def _read_config(directory: str | Path, expected_type: str | None) -> tuple[str, dict]:
-    """Read and check `config.json`; returns (model_type, config fields without the bookkeeping keys)."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"model directory {str(directory)!r} does not exist")
-    path = directory / CONFIG_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"{str(path)!r} is missing; a tokenizer directory needs {CONFIG_NAME}")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{str(path)!r} is not valid JSON ({error})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{str(path)!r} must hold a JSON object")
-    model_type = data.pop("model_type", None)
-    version = data.pop("format_version", None)
-    if model_type not in MODEL_TYPES:
-        raise ValueError(f"{str(path)!r} has model_type {model_type!r}, not a tokenizer ({sorted(MODEL_TYPES)})")
-    if expected_type is not None and model_type != expected_type:
-        raise ValueError(f"{str(path)!r} holds a {model_type!r} model; load it with "
-                         f"{MODEL_TYPES[model_type].__name__}.from_pretrained or load_tokenizer")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise ValueError(f"{str(path)!r} has format_version {version!r}; this code reads up to {FORMAT_VERSION}")
-    return model_type, data
-
-
-def _load_state(model: nn.Module, directory: Path, use_ema: bool) -> None:
-    path = directory / WEIGHTS_NAME
-    if use_ema:
-        if (directory / EMA_WEIGHTS_NAME).is_file():
-            path = directory / EMA_WEIGHTS_NAME
-        else:
-            warnings.warn(f"use_ema=True but {EMA_WEIGHTS_NAME} is missing in {str(directory)!r}; "
-                          f"loading {WEIGHTS_NAME}", stacklevel=3)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file {str(path)!r} is missing")
-    try:
-        state = load_file(str(path))
-        result = model.load_state_dict(state, strict=False)
-    except (RuntimeError, OSError, SafetensorError) as error:  # corrupt/foreign file or tensors of the wrong shape
-        first_line = str(error).strip().splitlines()[-1].strip() if str(error).strip() else type(error).__name__
-        raise ValueError(f"cannot load {str(path)!r} into the model of config.json: {first_line}") from None
-    if result.missing_keys or result.unexpected_keys:
-        raise ValueError(f"{str(path)!r} does not match config.json: {len(result.missing_keys)} missing keys "
-                         f"(e.g. {result.missing_keys[:3]}), {len(result.unexpected_keys)} unexpected "
-                         f"(e.g. {result.unexpected_keys[:3]})")
-
-
-def _state_for_safetensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {name: tensor.detach().cpu().contiguous() for name, tensor in state.items()}
-
-
 class _Tokenizer(nn.Module):
-    """Shared encoder side and directory format of `EpsVAE` and `VAE`."""
+    """Shared encoder side, latent normalisation, tiling and folder format of `EpsVAE` and `VAE`."""
 
     model_type: str
     config_cls: type
+    _tiling: tuple[int, int] | None = None  # (tile, overlap) in latent cells, set by enable_tiling
 
     def encode_posterior(self, x: torch.Tensor) -> DiagonalGaussian:
         """q(z|x) from images (B, 3, H, W) in [-1, 1]."""
         return DiagonalGaussian(self.encoder(x))
 
-    def encode(self, x: torch.Tensor, sample: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
-        """A posterior sample (training, stochastic latents) or its mean (sample=False): (B, Z, H/f, W/f)."""
+    def encode(self, x, sample: bool = True, generator: torch.Generator | None = None,
+               normalize: bool = False) -> torch.Tensor:
+        """A posterior sample (training, stochastic latents) or its mean (sample=False): (B, Z, H/f, W/f).
+
+        x: images (B, 3, H, W) in [-1, 1], or PIL images / uint8 arrays (converted on the model's device).
+        normalize: standardise per channel with the latent statistics in the config (what a diffusion model on
+        these latents trains on); a one-line error when the folder has none yet.
+        """
+        x = image_batch(x, self._device())
         posterior = self.encode_posterior(x)
-        return posterior.sample(generator) if sample else posterior.mode()
+        z = posterior.sample(generator) if sample else posterior.mode()
+        return (z - self._stat("latent_mean", z)) / self._stat("latent_std", z) if normalize else z
+
+    def _denormalize(self, z: torch.Tensor, normalized: bool) -> torch.Tensor:
+        return z * self._stat("latent_std", z) + self._stat("latent_mean", z) if normalized else z
+
+    def _stat(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        values = getattr(self.config, name)
+        if values is None:
+            raise ValueError(f"this {type(self).__name__} has no latent statistics yet (they are written into its "
+                             "folder by scripts/cache_latents.py); use normalize=False / normalized=False")
+        return torch.tensor(values, device=like.device, dtype=like.dtype).view(1, -1, 1, 1)
+
+    def _device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def enable_tiling(self, tile: int = 32, overlap: int = 4) -> "_Tokenizer":
+        """Decode large latents as overlapping `tile`×`tile` latent tiles blended over `overlap` cells, so memory
+        grows with the tile, not the image (`tokenizer.tiling`)."""
+        if tile < 1 or not 0 <= overlap < tile:
+            raise ValueError(f"need tile >= 1 and 0 <= overlap < tile, got tile={tile}, overlap={overlap}")
+        self._tiling = (int(tile), int(overlap))
+        return self
+
+    def disable_tiling(self) -> "_Tokenizer":
+        self._tiling = None
+        return self
+
+    def _decode_maybe_tiled(self, z: torch.Tensor, decode_fn) -> torch.Tensor:
+        if self._tiling is None:
+            return decode_fn(z)
+        tile, overlap = self._tiling
+        return tiled_decode(decode_fn, z, tile, overlap, self.downsample).clamp(-1.0, 1.0)
 
     @property
     def downsample(self) -> int:
@@ -228,28 +235,51 @@ class _Tokenizer(nn.Module):
     def latent_channels(self) -> int:
         return self.config.encoder.latent_channels
 
-    def save_pretrained(self, directory: str | Path, ema_state_dict: dict[str, torch.Tensor] | None = None) -> None:
-        """Write config.json + model.safetensors (+ ema.safetensors when an EMA state dict is given)."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        config = {"model_type": self.model_type, "format_version": FORMAT_VERSION, **self.config.to_dict()}
-        (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-        save_file(_state_for_safetensors(self.state_dict()), str(directory / WEIGHTS_NAME))
-        if ema_state_dict is not None:
-            save_file(_state_for_safetensors(ema_state_dict), str(directory / EMA_WEIGHTS_NAME))
+    def save_pretrained(self, directory: str | Path, raw_state_dict: dict[str, torch.Tensor] | None = None,
+                        training: dict | None = None) -> Path:
+        """Write the model folder (`tokenizer.pretrained`): config.json, model.safetensors (these weights),
+        raw.safetensors when `raw_state_dict` is given, and a model card with `training` facts (steps, data...)."""
+        from tokenizer.nn import count_parameters
+
+        config = self.config
+        facts = {"architecture": f"{type(self).__name__}: encoder {config.encoder_preset or config.encoder.kind}, "
+                                 f"decoder {config.decoder_preset or 'custom'}",
+                 "parameters": f"{count_parameters(self):,} (decoder {count_parameters(self.decoder):,})",
+                 "latents": f"{self.latent_channels} channels, {self.downsample}x downsampling",
+                 "latent statistics": "recorded" if config.latent_mean is not None else "not yet (cache latents)",
+                 **(training or {})}
+        usage = (f"from tokenizer import load_tokenizer\ntokenizer = load_tokenizer(\"path/or/owner-name\")\n"
+                 "z = tokenizer.encode(images, sample=False)            # images: (B, 3, H, W) in [-1, 1] or PIL\n"
+                 "x = tokenizer.decode(z" + (", steps=3" if self.objective.iterative else "") + ")")
+        card = pretrained.model_card(f"{type(self).__name__} tokenizer", "An image tokenizer of the ε-VAE paper "
+                                     "(Zhao et al., ICML 2025).", facts, usage)
+        return pretrained.save_folder(directory, type(self).__name__, self.model_type, config.to_dict(),
+                                      self.state_dict(), raw_state_dict, card)
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, use_ema: bool = False):
-        """Rebuild from config.json alone and load the weights strictly (EMA weights with use_ema=True)."""
-        _, fields = _read_config(directory, cls.model_type)
+    def from_pretrained(cls, name_or_path: str | Path, *, weights: str = "ema", device=None, dtype=None,
+                        use_ema: bool | None = None):
+        """Rebuild from a local folder or a Hub id (`owner/name`); `weights`: "ema" (default) or "raw".
+
+        `use_ema` is the format-1 spelling (True: "ema"; False: model.safetensors, which format 1 folders with
+        an ema.safetensors copy used for the raw weights).
+        """
+        directory = pretrained.resolve_model_dir(name_or_path)
+        _, fields = pretrained.read_config(directory, {cls.model_type: cls.__name__})
         try:
             config = cls.config_cls.from_dict(fields)
         except TypeError as error:
             raise ValueError(f"config.json in {str(directory)!r} does not describe a {cls.__name__}: {error}") \
                 from None
         model = cls(config)
-        _load_state(model, Path(directory), use_ema)
-        return model
+        pretrained.load_weights(model, directory, _weights_choice(directory, weights, use_ema))
+        return pretrained.place(model, device, dtype)
+
+
+def _weights_choice(directory: Path, weights: str, use_ema: bool | None) -> str:
+    if use_ema is None or use_ema:
+        return weights
+    return "raw" if (directory / pretrained.LEGACY_EMA_WEIGHTS_NAME).is_file() else weights
 
 
 # ------------------------------------------------------------------------------------------------------- models
@@ -309,19 +339,25 @@ class EpsVAE(_Tokenizer):
         return OBJECTIVES[self.config.parameterization]
 
     def decode(self, z: torch.Tensor, steps: int | None = None, generator: Generators = None,
-               spacing: str | None = None) -> torch.Tensor:
+               spacing: str | None = None, normalized: bool = False) -> torch.Tensor:
         """Latents (B, Z, h, w) -> images (B, 3, h·f, w·f) in [-1, 1], in `steps` network evaluations.
 
         `steps` defaults to DEFAULT_DECODE_STEPS (3, the paper's setting). Velocity: Euler steps over the
-        config's reversed-log times (Eq. 13) or `spacing`; epsilon: ancestral DDPM respaced to `steps`. Wrap
-        in `torch.no_grad()` for inference; the same `generator` seed gives the same images.
+        config's reversed-log times (Eq. 13) or `spacing`; epsilon: ancestral DDPM respaced to `steps`.
+        `normalized=True` takes latents standardised with the config's statistics (`encode(normalize=True)`).
+        Wrap in `torch.no_grad()` for inference; the same `generator` seed gives the same images.
         """
         steps = DEFAULT_DECODE_STEPS if steps is None else steps
         if isinstance(steps, bool) or int(steps) != steps or steps < 1:
             raise ValueError(f"decode steps must be an integer >= 1, got {steps!r}")
         self._check_latents(z)
-        noise = self._initial_noise(z, generator)  # (B, 3, H, W)
-        return self.objective.decode(self, z, noise, int(steps), generator, spacing).clamp(-1.0, 1.0)
+        z = self._denormalize(z, normalized)
+
+        def decode_fn(latents: torch.Tensor) -> torch.Tensor:
+            noise = self._initial_noise(latents, generator)  # (B, 3, H, W)
+            return self.objective.decode(self, latents, noise, int(steps), generator, spacing).clamp(-1.0, 1.0)
+
+        return self._decode_maybe_tiled(z, decode_fn)
 
 
 class VAE(_Tokenizer):
@@ -345,7 +381,8 @@ class VAE(_Tokenizer):
     def objective(self):
         return OBJECTIVES["reconstruction"]
 
-    def decode(self, z: torch.Tensor, steps: int | None = None, generator: Generators = None) -> torch.Tensor:
+    def decode(self, z: torch.Tensor, steps: int | None = None, generator: Generators = None,
+               normalized: bool = False) -> torch.Tensor:
         """Latents (B, Z, h, w) -> images (B, 3, h·f, w·f) clamped to [-1, 1], in one deterministic pass.
 
         `steps` and `generator` are accepted so every tokenizer decodes with the same call; one pass uses no
@@ -354,33 +391,24 @@ class VAE(_Tokenizer):
         if steps is not None and (isinstance(steps, bool) or int(steps) != steps or steps < 1):
             raise ValueError(f"decode steps must be an integer >= 1, got {steps!r}")
         self._check_latents(z)
-        return self.objective.decode(self, z, None, 1, generator, None).clamp(-1.0, 1.0)
+        return self._decode_maybe_tiled(self._denormalize(z, normalized), lambda latents: self.objective.decode(
+            self, latents, None, 1, generator, None).clamp(-1.0, 1.0))
 
 
 MODEL_TYPES: dict[str, type[_Tokenizer]] = {"eps_vae": EpsVAE, "vae": VAE}
 
 
-def load_tokenizer(directory: str | Path, use_ema: bool = False) -> EpsVAE | VAE:
-    """Load an `EpsVAE` or a `VAE` directory, whichever its config.json's model_type names."""
-    model_type, _ = _read_config(directory, None)
-    return MODEL_TYPES[model_type].from_pretrained(directory, use_ema=use_ema)
+def load_tokenizer(name_or_path: str | Path, *, weights: str = "ema", device=None, dtype=None,
+                   use_ema: bool | None = None) -> EpsVAE | VAE:
+    """Load an `EpsVAE` or a `VAE` (local folder or Hub id), whichever its config.json's model_type names."""
+    directory = pretrained.resolve_model_dir(name_or_path)
+    model_type, _ = pretrained.read_config(directory, {name: cls.__name__ for name, cls in MODEL_TYPES.items()})
+    return MODEL_TYPES[model_type].from_pretrained(directory, weights=weights, device=device, dtype=dtype,
+                                                   use_ema=use_ema)
 
 
-def weights_path(directory: str | Path, use_ema: bool = False) -> Path:
-    """The weights file `load_tokenizer(directory, use_ema)` reads: ema.safetensors when asked and present."""
-    directory = Path(directory)
-    if use_ema and (directory / EMA_WEIGHTS_NAME).is_file():
-        return directory / EMA_WEIGHTS_NAME
-    return directory / WEIGHTS_NAME
-
-
-def weights_fingerprint(directory: str | Path, use_ema: bool = False) -> str:
-    """The sha256 (hex) of those weights: what a latent manifest and a generator record to name the tokenizer
-    their latents came from, and what sampling checks before pairing a generator with a tokenizer."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(weights_path(directory, use_ema), "rb") as handle:  # chunked: Python 3.10 has no file_digest
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+def weights_fingerprint(name_or_path: str | Path, use_ema: bool | None = None, weights: str = "ema") -> str:
+    """sha256 of the weights `load_tokenizer(name_or_path, ...)` reads: how manifests, generators and sample
+    folders name the tokenizer their latents came from."""
+    directory = pretrained.resolve_model_dir(name_or_path)
+    return pretrained.weights_fingerprint(directory, _weights_choice(directory, weights, use_ema))

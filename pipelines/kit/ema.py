@@ -11,7 +11,9 @@ consistent model.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+import json
+from pathlib import Path
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -102,3 +104,16 @@ class EMA:
             missing = sorted(self.shadow.keys() - state.keys())[:3]
             unexpected = sorted(state.keys() - self.shadow.keys())[:3]
             raise ValueError(f"EMA and model disagree on weight names: missing {missing}, unexpected {unexpected}")
+
+
+def save_final_model(model: nn.Module, ema: EMA, directory: Path, training: dict[str, Any]) -> Path:
+    """The model folder a trainer hands its users: the EMA weights as `model.safetensors` (what sampling and
+    decoding load), the raw weights as `raw.safetensors` (for fine-tuning), and `training` (steps, data, EMA decay)
+    both in the model card and in `training.json`."""
+    model = unwrap_model(model)
+    raw = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+    facts = {"ema decay": ema.decay, **training}
+    with ema.swapped_in(model):
+        model.save_pretrained(directory, raw_state_dict=raw, training=facts)
+    (Path(directory) / "training.json").write_text(json.dumps({"ema_decay": ema.decay, **training}, indent=2) + "\n")
+    return Path(directory)

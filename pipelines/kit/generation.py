@@ -1,7 +1,7 @@
 """Class ids → images, for every job that generates: DiT latents by ancestral DDPM, then the tokenizer's decoder.
 
     pipeline = GenerationPipeline.from_pretrained("runs/dit/model", "runs/tok/model", device="cuda")
-    images = pipeline(labels, make_generators(seeds, device))  # uint8 (B, 3, H, W)
+    images = pipeline([207, 360], generator=0, output_type="pil")       # or class names
 
 The DiT samples in the per-channel standardised latent space it was trained in (paper C.3: DDPM, linear β,
 T=1000, 250 respaced steps, no CFG: `cfg_scale=1` is the default); `DiT.denormalize_latents` maps back with the
@@ -28,9 +28,9 @@ import torch
 
 from generator.diffusion import DiffusionSchedule, classifier_free_guidance, ddpm_sample, linear_beta_schedule, respace
 from generator.dit import DiT, DiTConfig, load_config
-from pipelines.kit.metrics import to_uint8
 from pipelines.kit.precision import autocast
-from tokenizer import DEFAULT_DECODE_STEPS
+from tokenizer.image_io import to_output
+from tokenizer.tiling import tiled_decode
 
 DIFFUSION_STEPS = 1000  # T of the training process (paper C.3)
 
@@ -105,15 +105,31 @@ def generate_latents(
 
 
 def read_provenance(generator_dir: str | os.PathLike) -> dict[str, Any]:
-    """What the generator directory says about the latents it was trained on (best effort, never raises).
+    """What a generator folder says about the latents it was trained on.
 
-    Stage-2 training writes `training.json` (with `shards` and `tokenizer_weights_sha256`); the shard
-    `manifest.json` it points to holds the encoder's downsample factor, the source resolution, the latent
-    mean/std and the class names. Returns a flat dict with whichever of `tokenizer_weights_sha256`,
-    `downsample`, `resolution`, `latent_mean`, `latent_std`, `class_names` could be found.
+    A folder written by this version carries it in its config (`class_names`, `tokenizer_fingerprint`,
+    `downsample`, `image_size`, `latent_mean`/`latent_std`), so a copy works anywhere. Folders of format 1 only
+    pointed to their shard manifest through `training.json["shards"]`; that path is followed as a fallback (best
+    effort, never raises). Returns a flat dict with whichever of `tokenizer_weights_sha256`, `downsample`,
+    `resolution`, `latent_mean`, `latent_std`, `class_names` could be found.
     """
+    found = _legacy_provenance(Path(generator_dir))
+    try:
+        config = load_config(generator_dir)
+    except (OSError, ValueError):
+        return found
+    recorded = {"class_names": list(config.class_names) if config.class_names else None,
+                "tokenizer_weights_sha256": config.tokenizer_fingerprint, "downsample": config.downsample,
+                "resolution": config.image_size}
+    found.update({key: value for key, value in recorded.items() if value is not None})
+    return found
+
+
+def _legacy_provenance(generator_dir: Path) -> dict[str, Any]:
+    """Format 1: follow training.json's recorded shard path to the manifest (relative paths resolve from the
+    current directory, which is why format 2 records everything in the config)."""
     found: dict[str, Any] = {}
-    training = _read_json(Path(generator_dir) / "training.json")
+    training = _read_json(generator_dir / "training.json")
     manifest: dict[str, Any] = {}
     if training.get("shards"):
         manifest = _read_json(Path(training["shards"]) / "manifest.json")
@@ -184,69 +200,35 @@ def check_compatible(
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Tiled decoding
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
-    """Start offsets of tiles of `tile` cells covering `length` cells, consecutive tiles sharing >= `overlap`."""
-    if tile >= length:
-        return [0]
-    if not 0 <= overlap < tile:
-        raise ValueError(f"tile overlap must be in [0, {tile}), got {overlap}")
-    starts = list(range(0, length - tile, tile - overlap))
-    return starts + [length - tile]
-
-
-def _ramp(size: int, ramp: int, rising: bool, falling: bool, device: torch.device) -> torch.Tensor:
-    """1-D blending weights: linear ramps of `ramp` pixels at the interior edges, strictly positive. (size,)"""
-    weight = torch.ones(size, device=device, dtype=torch.float32)
-    if ramp > 0:
-        edge = (torch.arange(ramp, device=device, dtype=torch.float32) + 0.5) / ramp  # (0, 1)
-        if rising:
-            weight[:ramp] = torch.minimum(weight[:ramp], edge)
-        if falling:
-            weight[-ramp:] = torch.minimum(weight[-ramp:], edge.flip(0))
-    return weight
-
-
-def tiled_decode(
-    decode: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor, tile: int, overlap: int, downsample: int
-) -> torch.Tensor:
-    """Decode (B, C, h, w) latents as overlapping `tile`×`tile` latent tiles, each decoded independently, blended
-    with linear ramps over the overlaps (normalised by the summed weights). Memory grows with the tile, not the
-    image, which is what lets the attention layers of the U-Net decoder handle images above the training size.
-    """
-    _, _, height, width = z.shape
-    rows, cols = tile_starts(height, tile, overlap), tile_starts(width, tile, overlap)
-    if len(rows) == 1 and len(cols) == 1:
-        return decode(z)
-    ramp = overlap * downsample
-    out: torch.Tensor | None = None
-    total = torch.zeros(1, 1, height * downsample, width * downsample, device=z.device)
-    for top in rows:
-        for left in cols:
-            piece = decode(z[:, :, top:top + tile, left:left + tile]).float()  # (B, 3, t·f, t·f)
-            th, tw = piece.shape[-2:]
-            wy = _ramp(th, ramp, top > 0, top + tile < height, z.device)
-            wx = _ramp(tw, ramp, left > 0, left + tile < width, z.device)
-            weight = (wy[:, None] * wx[None, :])[None, None]  # (1, 1, t·f, t·f)
-            if out is None:
-                out = torch.zeros(piece.shape[0], piece.shape[1], height * downsample, width * downsample,
-                                  device=z.device)
-            y, x = top * downsample, left * downsample
-            out[:, :, y:y + th, x:x + tw] += weight * piece
-            total[:, :, y:y + th, x:x + tw] += weight
-    return out / total  # (B, 3, H, W)
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # The pipeline
 # ---------------------------------------------------------------------------------------------------------------
 
 
+GeneratorSpec = int | torch.Generator | Sequence[torch.Generator] | None
+
+
+def per_image_generators(spec: GeneratorSpec, count: int, device: torch.device | str) -> list[torch.Generator]:
+    """One generator per image from what a caller passed: an int seed (image i gets seed + i, as the CLI's
+    `--seed`), one generator (per-image seeds drawn from it), a list of `count` generators (used as is), or None
+    (fresh random seeds)."""
+    if isinstance(spec, (list, tuple)):
+        if len(spec) != count:
+            raise ValueError(f"got {len(spec)} generators for {count} images")
+        return list(spec)
+    if spec is None or isinstance(spec, torch.Generator):
+        seeds = torch.randint(0, 2**62, (count,), generator=spec, device=spec.device if spec is not None else "cpu")
+        return make_generators(seeds.tolist(), device)
+    if isinstance(spec, int) and not isinstance(spec, bool):
+        return make_generators(range(spec, spec + count), device)
+    raise ValueError(f"generator must be None, an int seed, a torch.Generator or a list of them, got {type(spec)}")
+
+
 class GenerationPipeline:
-    """A DiT and the tokenizer whose latents it was trained on; `__call__` turns class ids into uint8 images."""
+    """A DiT and the tokenizer whose latents it was trained on: class ids or names in, images out.
+
+        pipe = GenerationPipeline.from_pretrained("runs/dit/model", "runs/tok/model")   # or Hub ids
+        images = pipe(["golden retriever", 207], num_images_per_class=2, generator=0, output_type="pil")
+    """
 
     def __init__(self, dit: DiT, tokenizer, class_names: Sequence[str] | None = None,
                  diffusion_steps: int = DIFFUSION_STEPS):
@@ -255,37 +237,43 @@ class GenerationPipeline:
                              f"{tokenizer.latent_channels}")
         self.dit = dit.eval().requires_grad_(False)
         self.tokenizer = tokenizer.eval().requires_grad_(False)
-        self.class_names = list(class_names) if class_names else None
+        names = class_names or dit.config.class_names
+        self.class_names = list(names) if names else None
         self.diffusion_steps = diffusion_steps
 
     @classmethod
     def from_pretrained(
         cls,
-        generator_dir: str | os.PathLike,
-        tokenizer_dir: str | os.PathLike,
-        device: torch.device | str = "cpu",
-        use_ema: bool = False,
-        tokenizer_use_ema: bool = False,
+        generator: str | os.PathLike,
+        tokenizer: str | os.PathLike,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | str | None = None,
+        weights: str = "ema",
+        tokenizer_weights: str = "ema",
         allow_tokenizer_mismatch: bool = False,
+        use_ema: bool | None = None,
+        tokenizer_use_ema: bool | None = None,
     ) -> "GenerationPipeline":
-        """Load both directories and refuse a pair that does not match (`check_compatible`); one-line errors."""
-        from safetensors import SafetensorError
-
+        """Load a generator and a tokenizer (local folders or Hub ids) and refuse a pair that does not match
+        (`check_compatible`: latent shape, normalisation, and the tokenizer weights the DiT was trained on);
+        one-line errors. `device` defaults to the first CUDA device when there is one."""
+        from pipelines.kit.precision import pick_device
         from tokenizer import load_tokenizer
         from tokenizer.models import weights_fingerprint
+        from tokenizer.pretrained import resolve_model_dir
 
+        device = pick_device(None if device is None else str(device))
+        generator_dir = resolve_model_dir(generator, "DiT")
         dit_config = load_config(generator_dir)  # cheap checks first: missing / corrupt config.json
-        tokenizer = load_tokenizer(tokenizer_dir, use_ema=tokenizer_use_ema)  # unreadable weights: a ValueError
+        tokenizer_dir = resolve_model_dir(tokenizer, "tokenizer")
+        tokenizer_model = load_tokenizer(tokenizer_dir, weights=tokenizer_weights, use_ema=tokenizer_use_ema)
         provenance = read_provenance(generator_dir)
         trained_on = provenance.get("tokenizer_weights_sha256")
-        sha = weights_fingerprint(tokenizer_dir, tokenizer_use_ema) if trained_on else None
-        check_compatible(dit_config, tokenizer.latent_channels, tokenizer.downsample, provenance,
-                         str(generator_dir), str(tokenizer_dir), sha, allow_tokenizer_mismatch)
-        try:
-            dit = DiT.from_pretrained(generator_dir, use_ema=use_ema, device=device)
-        except SafetensorError as error:
-            raise ValueError(f"cannot read the DiT weights in {generator_dir}: {error}") from None
-        return cls(dit, tokenizer.to(device), provenance.get("class_names"))
+        sha = weights_fingerprint(tokenizer_dir, tokenizer_use_ema, tokenizer_weights) if trained_on else None
+        check_compatible(dit_config, tokenizer_model.latent_channels, tokenizer_model.downsample, provenance,
+                         str(generator), str(tokenizer), sha, allow_tokenizer_mismatch)
+        dit = DiT.from_pretrained(generator_dir, weights=weights, device=device, dtype=dtype, use_ema=use_ema)
+        return cls(dit, tokenizer_model.to(device), provenance.get("class_names"))
 
     @property
     def device(self) -> torch.device:
@@ -298,6 +286,23 @@ class GenerationPipeline:
     @property
     def image_size(self) -> int:
         return self.dit.config.input_size * self.tokenizer.downsample
+
+    def class_ids(self, classes: int | str | Sequence[int | str]) -> list[int]:
+        """Class ids from ids and/or names (names need the folder's class names); one-line error otherwise."""
+        items = [classes] if isinstance(classes, (int, str)) else list(classes)
+        ids = []
+        for item in items:
+            if isinstance(item, str) and not item.strip().lstrip("-").isdigit():
+                if not self.class_names or item not in self.class_names:
+                    known = f"; known: {self.class_names[:5]}..." if self.class_names else " (this model has none)"
+                    raise ValueError(f"unknown class name {item!r}{known}")
+                ids.append(self.class_names.index(item))
+            else:
+                ids.append(int(item))
+        bad = [i for i in ids if not 0 <= i < self.num_classes]
+        if bad:
+            raise ValueError(f"class ids must be in [0, {self.num_classes}), got {bad[:5]}")
+        return ids
 
     @torch.no_grad()
     def sample_latents(
@@ -320,7 +325,7 @@ class GenerationPipeline:
         self,
         latents: torch.Tensor,
         generators: Sequence[torch.Generator],
-        decode_steps: int = DEFAULT_DECODE_STEPS,
+        decode_steps: int | None = None,
         tile: int | None = None,
         tile_overlap: int = 4,
         precision: str = "no",
@@ -337,18 +342,32 @@ class GenerationPipeline:
 
     def __call__(
         self,
-        labels: torch.Tensor | Sequence[int],
-        generators: Sequence[torch.Generator],
+        classes: int | str | Sequence[int | str] | torch.Tensor,
+        generator: GeneratorSpec = None,
+        *,
+        num_images_per_class: int = 1,
         ddpm_steps: int | str = 250,
-        decode_steps: int = DEFAULT_DECODE_STEPS,
+        decode_steps: int | None = None,
         cfg_scale: float = 1.0,
         variance: str = "fixed_large",
         tile: int | None = None,
         tile_overlap: int = 4,
         precision: str = "no",
+        output_type: str = "pt",
         progress: bool = False,
-    ) -> torch.Tensor:
-        """Class ids (B,) → uint8 images (B, 3, H, W)."""
-        latents = self.sample_latents(torch.as_tensor(labels), generators, ddpm_steps, cfg_scale, variance,
-                                      precision, progress)
-        return to_uint8(self.decode(latents, generators, decode_steps, tile, tile_overlap, precision))
+    ):
+        """Classes (ids or names) → images, `num_images_per_class` of each, in class order.
+
+        generator: an int seed (image i gets seed + i: the same images as `scripts/sample.py --seed`), one
+        torch.Generator, one per image, or None (random). decode_steps: None = the paper's 3 (ε-VAE only).
+        output_type: "pt" uint8 tensor (B, 3, H, W), "np" uint8 array (B, H, W, 3), "pil" list of PIL images.
+        """
+        if isinstance(classes, torch.Tensor):
+            classes = classes.flatten().tolist()
+        if num_images_per_class < 1:
+            raise ValueError(f"num_images_per_class must be >= 1, got {num_images_per_class}")
+        labels = [label for label in self.class_ids(classes) for _ in range(num_images_per_class)]
+        generators = per_image_generators(generator, len(labels), self.device)
+        latents = self.sample_latents(torch.tensor(labels), generators, ddpm_steps, cfg_scale, variance, precision,
+                                      progress)
+        return to_output(self.decode(latents, generators, decode_steps, tile, tile_overlap, precision), output_type)

@@ -21,6 +21,8 @@ from typing import Callable, Iterable
 
 import numpy as np
 import torch
+
+from tokenizer.image_io import to_uint8  # noqa: F401 - re-exported: metrics take uint8 images
 import torch.nn.functional as F
 
 from tokenizer.perceptual import (
@@ -36,11 +38,6 @@ INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 ImageBatch = np.ndarray | torch.Tensor
 
 # ------------------------------------------------------------------------------------ reconstruction metrics
-
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] floats → uint8 with the rounding the sampling pipeline uses; shape kept."""
-    return ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
 
 def _as_float64_nchw(images: ImageBatch) -> torch.Tensor:
