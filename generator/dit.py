@@ -24,7 +24,6 @@ from torch import nn
 from tokenizer import pretrained
 
 MODEL_TYPE = "dit"
-WEIGHTS_NAME, EMA_WEIGHTS_NAME = pretrained.WEIGHTS_NAME, pretrained.LEGACY_EMA_WEIGHTS_NAME  # TEMP until sample.py moves
 TIMESTEP_FREQUENCY_DIM = 256  # DiT's TimestepEmbedder frequency size
 
 

@@ -3,15 +3,19 @@
     result = run_sampling(SampleConfig(generator="runs/dit/model", tokenizer="runs/tok/model", num=50_000))
 
 One PNG per image, written atomically (resumable: a rerun skips the complete ones), named after its index,
-class and seed (`pipelines.kit.sample_files`); image indices are split across ranks as `indices[rank::world]`,
-and every image has its own seed (`pipelines.kit.generation`), so the same plan gives the same images on any
-number of processes. The main process then assembles `grid.png`, the ADM-format `samples.npz` and
+class and seed (`pipelines.kit.sample_files`). Before the first image the run's settings (`sampling_settings`: the
+weights' fingerprints, the planned classes and seeds, steps, guidance, precision...) go to `settings.json`; a rerun
+into the same folder resumes only when its settings are the same, otherwise it refuses with one line (or starts
+over with `overwrite`), so a folder never mixes images made two ways. Image indices are split across ranks as
+`indices[rank::world]`, and every image has its own seed (`pipelines.kit.generation`), so the same plan gives the
+same images on any number of processes. The main process then assembles `grid.png`, the ADM-format `samples.npz` and
 `sampling.json` from the PNGs. `sample_and_score` is the paper's generation protocol in one call (Table 3:
 50k samples, no CFG, then FID), behind `scripts/evaluate.py pipeline`.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -29,11 +33,14 @@ from pipelines.kit.fid import FIDConfig, check_reference, evaluate_fid, write_re
 from pipelines.kit.generation import GenerationPipeline, make_generators, read_provenance
 from pipelines.kit.metrics import build_feature_extractor
 from pipelines.kit.precision import check_precision
-from pipelines.kit.sample_files import (png_is_complete, sample_filename, temporary_path, write_adm_npz,
-                                        write_png_atomic)
+from pipelines.kit.sample_files import (SAMPLE_NAME, png_is_complete, sample_filename, temporary_path,
+                                        write_adm_npz, write_png_atomic)
 from tokenizer import DEFAULT_DECODE_STEPS
 
 logger = logging.getLogger(__name__)
+
+SETTINGS_NAME = "settings.json"  # written before the first image: what a rerun must match to resume
+GRID_NAME, NPZ_NAME, REPORT_NAME = "grid.png", "samples.npz", "sampling.json"  # assembled at the end
 
 
 @dataclass(frozen=True)
@@ -62,6 +69,7 @@ class SampleConfig:
     grid_classes: int = 16  # rows of grid.png
     grid_columns: int = 8
     write_npz: bool = True
+    overwrite: bool = False  # delete the folder's samples made with other settings and start over
     cpu: bool = False
 
     def __post_init__(self) -> None:
@@ -185,6 +193,79 @@ def _check_writable(directory: Path, rank: int) -> None:
         raise ValueError(f"cannot write to output directory {directory}: {error.strerror or error}") from None
 
 
+def _ids_sha256(values: Sequence[int]) -> str:
+    return hashlib.sha256(json.dumps([int(v) for v in values]).encode()).hexdigest()
+
+
+def sampling_settings(config: SampleConfig, pipeline: GenerationPipeline, labels: Sequence[int],
+                      seeds: Sequence[int]) -> dict[str, Any]:
+    """What decides the images of a sample folder: the weights by fingerprint (a copied model folder is the same
+    model), the planned classes and seeds by hash, and the sampler's settings. Paths, the batch size and the
+    number of processes are not settings: per-image seeds make the images independent of them."""
+    from tokenizer.models import weights_fingerprint  # the DiT's folder has the same format: same weights file choice
+
+    tiled = config.decode_tile is not None
+    return {
+        "generator_weights_sha256": weights_fingerprint(config.generator, config.use_ema),
+        "tokenizer_weights_sha256": weights_fingerprint(config.tokenizer, config.tokenizer_use_ema),
+        "num_images": len(labels), "labels_sha256": _ids_sha256(labels), "seeds_sha256": _ids_sha256(seeds),
+        "image_size": pipeline.image_size, "ddpm_steps": config.ddpm_steps,
+        "decode_steps": config.decode_steps if pipeline.tokenizer.objective.iterative else None,  # a VAE ignores them
+        "cfg_scale": config.cfg_scale, "variance": config.variance, "precision": config.precision,
+        "decode_tile": config.decode_tile, "decode_tile_overlap": config.decode_tile_overlap if tiled else None,
+    }
+
+
+def _tool_outputs(out_dir: Path) -> list[Path]:
+    """The files of `out_dir` this tool writes: sample PNGs, the grid, the npz, the report and the settings."""
+    names = (GRID_NAME, NPZ_NAME, REPORT_NAME, SETTINGS_NAME)
+    return sorted(p for p in out_dir.iterdir() if p.is_file() and (SAMPLE_NAME.match(p.name) or p.name in names))
+
+
+def _shown(value: Any) -> str:
+    is_hash = isinstance(value, str) and len(value) == 64
+    return f"{value[:12]}…" if is_hash else str(value)
+
+
+def settings_conflict(out_dir: Path, settings: dict[str, Any]) -> str | None:
+    """Why images made with `settings` cannot join `out_dir` (one line), or None: it holds no samples yet, or
+    samples made with exactly these settings (a resume)."""
+    held = [p for p in _tool_outputs(out_dir) if p.name not in (REPORT_NAME, SETTINGS_NAME)]
+    if not held:
+        return None
+    advice = "(use --overwrite to replace them, or another --out)"
+    try:
+        old = json.loads((out_dir / SETTINGS_NAME).read_text())
+    except FileNotFoundError:
+        return (f"{out_dir} already holds samples but no {SETTINGS_NAME} (written by an older version of this "
+                f"tool), so what they were made with is unknown {advice}")
+    except (OSError, ValueError):
+        old = None
+    if not isinstance(old, dict):
+        return f"{out_dir} already holds samples but its {SETTINGS_NAME} is unreadable {advice}"
+    new = json.loads(json.dumps(settings))  # compared as stored (tuples → lists, ...)
+    differing = [key for key in dict.fromkeys([*new, *old]) if old.get(key) != new.get(key)]
+    if not differing:
+        return None
+    made = ", ".join(f"{key}={_shown(old.get(key))}" for key in differing)
+    asked = ", ".join(f"{key}={_shown(new.get(key))}" for key in differing)
+    return f"{out_dir} already holds samples made with {made}; this run asks for {asked} {advice}"
+
+
+def _claim_output_folder(out_dir: Path, settings: dict[str, Any], overwrite: bool) -> None:
+    """Main process, before any image: with `overwrite`, delete what this tool wrote there; then, when the folder
+    can take these images, record their settings (atomically). A conflict is left for every rank to raise."""
+    if overwrite:
+        for path in _tool_outputs(out_dir):
+            path.unlink()
+    path = out_dir / SETTINGS_NAME
+    text = json.dumps(settings, indent=2) + "\n"
+    if settings_conflict(out_dir, settings) is None and not (path.is_file() and path.read_text() == text):
+        tmp = temporary_path(path)
+        tmp.write_text(text)
+        os.replace(tmp, path)
+
+
 @dataclass
 class SampleResult:
     out_dir: Path
@@ -198,7 +279,10 @@ class SampleResult:
 
 
 def run_sampling(config: SampleConfig, pipeline: GenerationPipeline | None = None) -> SampleResult:
-    """Generate every planned image not yet on disk (this rank's share), then grid.png and samples.npz (main)."""
+    """Generate every planned image not yet on disk (this rank's share), then grid.png and samples.npz (main).
+
+    A folder already holding samples made with other settings (`sampling_settings`) is refused with one line
+    before anything is written, unless `config.overwrite` (then this tool's files there are deleted first)."""
     from accelerate import PartialState
     from tqdm.auto import tqdm
 
@@ -214,6 +298,15 @@ def run_sampling(config: SampleConfig, pipeline: GenerationPipeline | None = Non
             config.generator, config.tokenizer, device=state.device, use_ema=config.use_ema,
             tokenizer_use_ema=config.tokenizer_use_ema, allow_tokenizer_mismatch=config.allow_tokenizer_mismatch)
     size, device = pipeline.image_size, pipeline.device
+    # The main process checks the folder and records the settings; after the barrier every rank reads the same
+    # settings.json and reaches the same verdict, so none generates while another refuses.
+    settings = sampling_settings(config, pipeline, labels, seeds)
+    if state.is_main_process:
+        _claim_output_folder(out_dir, settings, config.overwrite)
+    state.wait_for_everyone()
+    conflict = settings_conflict(out_dir, settings)
+    if conflict is not None:
+        raise ValueError(conflict)
     paths = [out_dir / sample_filename(i, label, seed) for i, (label, seed) in enumerate(zip(labels, seeds))]
 
     mine = list(range(len(paths)))[state.process_index::state.num_processes]
@@ -239,12 +332,12 @@ def run_sampling(config: SampleConfig, pipeline: GenerationPipeline | None = Non
         missing = [p.name for p in paths if not png_is_complete(p, size)]
         if missing:
             raise ValueError(f"{len(missing)} images are missing or incomplete after sampling (e.g. {missing[0]})")
-        result.grid = out_dir / "grid.png"
+        result.grid = out_dir / GRID_NAME
         write_grid(result.grid, paths, labels, pipeline.class_names, config.grid_classes, config.grid_columns)
         if config.write_npz:
-            result.npz = out_dir / "samples.npz"
+            result.npz = out_dir / NPZ_NAME
             write_adm_npz(result.npz, paths, labels, size)
-        (out_dir / "sampling.json").write_text(json.dumps({
+        (out_dir / REPORT_NAME).write_text(json.dumps({
             "generator": str(config.generator), "tokenizer": str(config.tokenizer), "num_images": len(paths),
             "image_size": size, "ddpm_steps": config.ddpm_steps,
             "decode_steps": config.decode_steps if pipeline.tokenizer.objective.iterative else None,

@@ -50,10 +50,21 @@ class TokenizerModelConfig:
     model_overrides: dict[str, Any] = field(default_factory=dict)
     init_from: str | None = None  # a save_pretrained dir: multi-stage training (128² then 256², Table 1 †)
     discriminator: str = "default"
+    # Start the encoder from a diffusers-format AutoencoderKL (folder or Hub id; the `sd` encoder preset), e.g.
+    # the SD VAE, and/or keep the encoder fixed: with both, the run trains a few-step diffusion decoder for
+    # existing SD latents (the use case of OpenAI's consistency decoder).
+    init_encoder_from: str | None = None
+    freeze_encoder: bool = False
 
     def __post_init__(self) -> None:
         if self.model_type not in MODEL_CLASSES:
             raise ValueError(f"model_type must be one of {sorted(MODEL_CLASSES)}, got {self.model_type!r}")
+        if self.init_from and self.model_overrides:
+            raise ValueError(f"--init-from rebuilds the model from {self.init_from}/config.json, so the model "
+                             f"overrides {sorted(self.model_overrides)} cannot apply: drop them, or start from "
+                             "presets without --init-from")
+        if self.init_from and self.init_encoder_from:
+            raise ValueError("--init-from and --init-encoder-from both set the encoder's weights: give one")
         if self.discriminator not in DISCRIMINATOR_PRESETS:
             raise ValueError(f"unknown discriminator preset {self.discriminator!r}; choose from {sorted(DISCRIMINATOR_PRESETS)}")
 
@@ -130,8 +141,16 @@ def build_tokenizer(config: TokenizerTrainConfig) -> EpsVAE | VAE:
     """The model to train: from presets + overrides, or from a trained directory (fine-tuning)."""
     model_class = MODEL_CLASSES[config.model.model_type]
     if config.model.init_from:
-        return model_class.from_pretrained(config.model.init_from)
-    return model_class.from_preset(config.model.encoder, config.model.decoder, **config.model.model_overrides)
+        tokenizer = model_class.from_pretrained(config.model.init_from)
+    else:
+        tokenizer = model_class.from_preset(config.model.encoder, config.model.decoder, **config.model.model_overrides)
+    if config.model.init_encoder_from:
+        from tokenizer.convert import load_diffusers_encoder
+
+        load_diffusers_encoder(tokenizer, config.model.init_encoder_from)
+    if config.model.freeze_encoder:  # left out of the optimiser (only trainable parameters are optimised)
+        tokenizer.encoder.requires_grad_(False)
+    return tokenizer
 
 
 def build_discriminator(config: TokenizerTrainConfig) -> TrajectoryDiscriminator:

@@ -7,6 +7,7 @@ Examples:
     accelerate launch --multi_gpu --num_processes 8 scripts/sample.py --generator runs/dit-xl/model \
         --tokenizer runs/eps-sd-m/model --classes all --num 50000 --seeds 0-49999 --batch-size 125 \
         --precision bf16 --out runs/samples/fid50k          # rerun the same command to resume
+    # other settings into a folder that holds samples: refused (settings.json records them); --overwrite restarts
     python scripts/sample.py --generator runs/dit/model --class-names    # list the classes the DiT knows
 Writes NNNNNN_c<class>_s<seed>.png per image, grid.png, and samples.npz (ADM evaluator format: arr_0, arr_1).
 """

@@ -82,5 +82,7 @@ def test_no_import_cycle():
 
 
 def test_argument_parsing_lives_in_scripts():
-    users = [module for module, path in PATHS.items() if "argparse" in _imports(path)]
+    """No parser is built below scripts/ (reading a checkpoint that holds an argparse.Namespace is fine)."""
+    users = [module for module, path in PATHS.items()
+             if "ArgumentParser(" in path.read_text() or ".add_argument(" in path.read_text()]
     assert users == []

@@ -13,11 +13,11 @@ from PIL import Image
 
 from generator import DiT, DiTConfig
 from _cli import run_main
-from pipelines.kit.generation import (GenerationPipeline, check_compatible, make_generators, tile_starts,
-                                      tiled_decode)
+from pipelines.kit.generation import GenerationPipeline, check_compatible, make_generators
 from pipelines.kit.sample_files import png_is_complete
 from pipelines.sample import SampleConfig, parse_seeds, plan_samples, run_sampling
 from tokenizer import EpsVAE, VAE
+from tokenizer.tiling import tile_starts, tiled_decode
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "sample.py"
@@ -273,8 +273,8 @@ def _corrupt(models, tmp_path, which: str, what: str) -> Path:
     ("decode steps 0", "decode steps"),
     ("missing generator", "not found"),
     ("missing tokenizer", "does not exist"),
-    ("corrupt generator config", "corrupt"),
-    ("corrupt generator weights", "DiT weights"),
+    ("corrupt generator config", "config.json"),
+    ("corrupt generator weights", "model.safetensors"),
     ("corrupt tokenizer weights", "model.safetensors"),
     ("mismatched pair", "(8, 8, 8)"),
     ("unwritable output", "cannot write"),
@@ -323,3 +323,82 @@ def test_real_subprocess_gives_one_line_without_traceback(models, tmp_path):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [result.stderr.strip()] and "class 5 is out of range" in result.stderr
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.iterdir())}
+
+
+def _stale_folder(models, tmp_path, capsys) -> Path:
+    """A folder of 3-decode-step samples (issue 17's first run)."""
+    out = tmp_path / "s"
+    assert sample(models, out, "--num", "4", "--decode-steps", "3") == 0
+    capsys.readouterr()
+    return out
+
+
+def test_rerun_with_other_settings_refuses_and_writes_nothing(models, tmp_path, capsys):
+    out = _stale_folder(models, tmp_path, capsys)
+    before = _snapshot(out)
+    assert sample(models, out, "--num", "4", "--decode-steps", "1") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "decode_steps=3" in err and "decode_steps=1" in err and "--overwrite" in err
+    assert _snapshot(out) == before  # no image, settings.json or sampling.json rewritten
+    assert json.loads((out / "settings.json").read_text())["decode_steps"] == 3
+
+
+def test_overwrite_regenerates_with_the_new_settings(models, tmp_path, capsys):
+    out = _stale_folder(models, tmp_path, capsys)
+    (out / "notes.txt").write_text("mine")  # not written by the tool: kept
+    assert sample(models, out, "--num", "4", "--decode-steps", "1", "--overwrite", "true") == 0
+    assert sample(models, tmp_path / "fresh", "--num", "4", "--decode-steps", "1") == 0
+    pngs = sorted(p.name for p in out.glob("0*.png"))
+    assert pngs == sorted(p.name for p in (tmp_path / "fresh").glob("0*.png")) and len(pngs) == 4
+    for name in pngs:
+        assert (out / name).read_bytes() == (tmp_path / "fresh" / name).read_bytes()
+    assert json.loads((out / "settings.json").read_text())["decode_steps"] == 1
+    assert json.loads((out / "sampling.json").read_text())["decode_steps"] == 1
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_identical_rerun_resumes_even_from_copied_model_folders(models, tmp_path, capsys):
+    import shutil
+
+    out = _stale_folder(models, tmp_path, capsys)
+    pngs = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.glob("0*.png")}
+    assert sample(models, out, "--num", "4", "--decode-steps", "3", "--batch-size", "3") == 0  # batch size: no setting
+    assert "0 new on this rank, 4 already there" in capsys.readouterr().out
+    elsewhere = tmp_path / "copied"
+    for name in ("dit", "eps"):
+        shutil.copytree(models / name, elsewhere / name)
+    assert sample(elsewhere, out, "--num", "4", "--decode-steps", "3") == 0  # other paths, same fingerprints
+    assert "0 new on this rank, 4 already there" in capsys.readouterr().out
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.glob("0*.png")} == pngs
+
+
+def test_other_weights_or_plan_refuse_and_vae_ignores_decode_steps(models, tmp_path, capsys):
+    out = _stale_folder(models, tmp_path, capsys)
+    assert sample(models, out, "--num", "4", "--decode-steps", "3", "--seed", "9") == 2
+    assert "seeds_sha256=" in capsys.readouterr().err
+    assert sample(models, out, "--num", "4", "--decode-steps", "3", tokenizer="eps-f8", generator="dit-f8") == 2
+    err = capsys.readouterr().err
+    assert "generator_weights_sha256=" in err and "tokenizer_weights_sha256=" in err
+    vae_out = tmp_path / "vae"
+    assert sample(models, vae_out, "--num", "2", "--decode-steps", "3", tokenizer="vae") == 0
+    assert json.loads((vae_out / "settings.json").read_text())["decode_steps"] is None
+    assert sample(models, vae_out, "--num", "2", "--decode-steps", "1", tokenizer="vae") == 0
+    assert "0 new on this rank, 2 already there" in capsys.readouterr().out
+
+
+def test_old_samples_without_settings_refuse_unless_overwrite(models, tmp_path, capsys):
+    out = _stale_folder(models, tmp_path, capsys)
+    (out / "settings.json").unlink()  # as an older version of the tool left it
+    before = _snapshot(out)
+    assert sample(models, out, "--num", "4", "--decode-steps", "3") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no settings.json" in err and "--overwrite" in err, err
+    assert _snapshot(out) == before
+    assert sample(models, out, "--num", "4", "--decode-steps", "3", "--overwrite", "true") == 0
+    assert "4 new on this rank, 0 already there" in capsys.readouterr().out
+    assert (out / "settings.json").is_file()

@@ -138,3 +138,21 @@ def test_config_rejects_bad_values(tmp_path):
         tiny_config(tmp_path, model_type="vqgan")
     with pytest.raises(ValueError, match="batch_size"):
         tiny_config(tmp_path, batch_size=0)
+
+
+def test_freeze_encoder_trains_only_the_decoder(tmp_path):
+    config = tiny_config(tmp_path, max_steps=2, freeze_encoder=True)
+    final_dir = train_tokenizer(config)
+    trained = EpsVAE.from_pretrained(final_dir, weights="raw")
+    start = build_tokenizer(tiny_config(tmp_path))  # the same seeded initialisation
+    torch.manual_seed(config.run.seed)
+    fresh = build_tokenizer(config)
+    del start
+    for name, value in fresh.encoder.state_dict().items():
+        assert torch.equal(trained.encoder.state_dict()[name], value), name
+    assert any(not torch.equal(trained.decoder.state_dict()[k], v) for k, v in fresh.decoder.state_dict().items())
+
+
+def test_init_from_with_model_overrides_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="cannot apply"):
+        tiny_config(tmp_path, init_from=str(tmp_path), model_overrides={"gamma": 1.0})

@@ -17,7 +17,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -31,23 +31,29 @@ WEIGHT_CHOICES = ("ema", "raw")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
-def resolve_model_dir(name_or_path: str | os.PathLike, what: str = "model") -> Path:
-    """A local model folder, or the local snapshot of a Hub id; one-line FileNotFoundError otherwise."""
+def resolve_model_dir(name_or_path: str | os.PathLike, what: str = "model",
+                      files: Sequence[str] = (CONFIG_NAME, WEIGHTS_NAME, RAW_WEIGHTS_NAME, CARD_NAME),
+                      subfolder: str | None = None) -> Path:
+    """A local model folder, or the local snapshot of a Hub id (only `files`, in `subfolder` when given, are
+    fetched: never a whole pipeline repository); one-line FileNotFoundError otherwise."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
-        return path
+        return path / subfolder if subfolder else path
     text = str(name_or_path)
     if path.exists() or not _HUB_ID.match(text):
         raise FileNotFoundError(f"{what} directory {text!r} does not exist (not found on disk, and not a Hub id "
                                 "owner/name)")
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import is_offline_mode, snapshot_download
 
+    prefix = f"{subfolder}/" if subfolder else ""
     try:
-        return Path(snapshot_download(repo_id=text, allow_patterns=[CONFIG_NAME, "*.safetensors", CARD_NAME]))
+        root = Path(snapshot_download(repo_id=text, allow_patterns=[prefix + name for name in files]))
     except Exception as error:  # noqa: BLE001 - offline, unknown id, no access: all one line naming the id
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise FileNotFoundError(f"model {text!r} is not a local folder and could not be loaded from the "
-                                f"Hugging Face Hub ({reason})") from None
+        offline = ", HF_HUB_OFFLINE is set" if is_offline_mode() else ""
+        raise FileNotFoundError(f"{what} {text!r} is not a local folder and could not be loaded from the "
+                                f"Hugging Face Hub ({reason}{offline})") from None
+    return root / subfolder if subfolder else root
 
 
 def read_config(directory: Path, model_types: Mapping[str, str]) -> tuple[str, dict[str, Any]]:
