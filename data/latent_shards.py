@@ -10,11 +10,13 @@ Each `latent.safetensors` holds the encoder's posterior moments of the ADM cente
 flip: `mean`, `logvar`, `mean_flip`, `logvar_flip`, each (C, h, w). DiT trains with random flips (paper C.3),
 and flipping a latent is not the same as encoding a flipped image, so both are stored.
 
-Normalisation statistics are per-channel mean and std accumulated in float64 from the posterior *means*
-(unflipped and flipped, since the reader draws both equally often) as exact sums, sums of squares and counts,
-so per-rank partial stats merge exactly. They ignore the posterior variance; the manifest also records the mean
-posterior variance per channel so a reader can see how much that matters (std of sampled latents² = std² +
-that). This replaces a hand-set scale such as SD's 0.18215: the numbers travel in the manifest.
+Normalisation statistics are per-channel mean and std of what the DiT trains on, posterior *samples*
+z = μ + σ·ε (unflipped and flipped, since the reader draws both equally often): E[z] = E[μ] and
+Var(z) = Var(μ) + E[σ²], accumulated in float64 as exact sums of μ, μ² and σ² with counts, so per-rank partial
+stats merge exactly. The manifest names this in `stats_source` and also records the std of the means alone
+(`latent_std_of_means`) and the mean posterior variance per channel. Manifests written before (std of the means
+as `latent_std`) are still read unchanged. This replaces a hand-set scale such as SD's 0.18215: the numbers
+travel in the manifest.
 
 Atomicity and resume: a shard is written as `<name>.tmp`, flushed, renamed, and only then its sidecar is
 written (itself via a temp name). A shard counts as complete iff its sidecar exists. A new writer with the same
@@ -51,6 +53,10 @@ LATENT_FIELD = "latent.safetensors"
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "epsvae-latent-shards/1"
 BAD_SHARD_POLICIES = ("raise", "skip")
+# What `latent_mean` / `latent_std` of a manifest describe. Manifests written before this was the source say
+# "float64 sums over posterior means of center crops and their flips": their latent_std is the std of the means
+# (smaller than what a reader that samples the posterior sees); they are still read as they are.
+STATS_SOURCE = "posterior samples (var(mean) + E[sigma^2]), float64 sums over every stored crop and its flip"
 
 
 def rank_prefix(rank: int) -> str:
@@ -138,9 +144,16 @@ class ChannelStats:
         return [s / self.count for s in self.total]
 
     def std(self) -> list[float]:
-        """Population std: sqrt(E[x²] - E[x]²), clamped at 0 against rounding."""
+        """Population std of the posterior means: sqrt(E[μ²] - E[μ]²), clamped at 0 against rounding."""
         means = self.mean()
         return [max(sq / self.count - m * m, 0.0) ** 0.5 for sq, m in zip(self.total_sq, means)]
+
+    def sample_std(self) -> list[float]:
+        """Std of posterior samples z = μ + σ·ε (what the DiT trains on): sqrt(Var(μ) + E[σ²]) per channel.
+
+        E[z] = E[μ], and by the law of total variance Var(z) = Var(μ) + E[σ²].
+        """
+        return [(s * s + v) ** 0.5 for s, v in zip(self.std(), self.mean_posterior_variance())]
 
     def mean_posterior_variance(self) -> list[float]:
         return [v / self.count for v in self.total_var]
@@ -343,9 +356,10 @@ def merge_manifests(
         "num_classes": len(class_names),
         "class_names": list(class_names),
         "latent_mean": stats.mean(),
-        "latent_std": stats.std(),
+        "latent_std": stats.sample_std(),
+        "latent_std_of_means": stats.std(),
         "latent_mean_posterior_variance": stats.mean_posterior_variance(),
-        "stats_source": "float64 sums over posterior means of center crops and their flips",
+        "stats_source": STATS_SOURCE,
         "stats": stats.to_dict(),
         "shards": [
             {"name": r["shard"], "count": r["count"], "sha256": r["sha256"], "bytes": r["bytes"]} for r in records
@@ -360,7 +374,8 @@ def merge_manifests(
 def load_manifest(out_dir: str) -> dict:
     path = os.path.join(out_dir, MANIFEST_NAME)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} missing: run merge_manifests after caching latents")
+        raise FileNotFoundError(f"{path} missing: rerun scripts/cache_latents.py with the same flags to finish the cache "
+                                f"(it writes manifest.json last)")
     with open(path) as handle:
         manifest = json.load(handle)
     if manifest.get("format") != MANIFEST_FORMAT:

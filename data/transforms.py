@@ -13,9 +13,15 @@ crops (Inception-style aspect distortion), which change object scale far more th
 
 Randomness comes from an optional `torch.Generator`; with none, torch's global RNG is used, which DataLoader
 seeds per worker, so a run is reproducible under `torch.manual_seed`.
+
+Latent caching (`CacheCrops`) encodes the ADM center crop of each image (`crop="center"`, the default), or
+`crops_per_image` ADM random crops (`crop="random"`, paper C.3: "horizontal flips and random cropping"), each
+from a generator seeded by (seed, sample key, crop number), so the crops do not depend on ranks, workers,
+batching or resumption. Flips are not drawn here: the cache stores every crop and its mirror image.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 
@@ -130,6 +136,44 @@ class TrainTransform:
         if torch.rand((), generator=generator).item() < self.flip_prob:
             tensor = tensor.flip(-1)
         return tensor
+
+
+CROP_MODES = ("center", "random")
+
+
+@dataclass(frozen=True)
+class CacheCrops:
+    """The crops latent caching encodes per image: the center crop, or `crops_per_image` seeded random crops.
+
+    `key(base, j)` names crop j of the sample `base` (the base key itself for the center crop, `<base>_c<j>`
+    for random crops); `__call__(image, base, j)` gives that crop as (3, size, size) in [-1, 1].
+    """
+
+    size: int
+    mode: str = "center"
+    crops_per_image: int = 1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mode not in CROP_MODES:
+            raise ValueError(f"crop must be one of {CROP_MODES}, got {self.mode!r}")
+        if self.crops_per_image < 1:
+            raise ValueError(f"crops_per_image must be >= 1, got {self.crops_per_image}")
+        if self.mode == "center" and self.crops_per_image != 1:
+            raise ValueError(f"crops_per_image {self.crops_per_image} needs crop='random' (there is one center crop)")
+
+    def key(self, base: str, index: int) -> str:
+        return base if self.mode == "center" else f"{base}_c{index}"
+
+    def generator(self, base: str, index: int) -> torch.Generator:
+        """A generator that depends only on (seed, sample key, crop number)."""
+        digest = hashlib.sha256(f"{self.seed}/{base}/{index}".encode()).digest()
+        return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+    def __call__(self, image: Image.Image, base: str, index: int) -> torch.Tensor:
+        if self.mode == "center":
+            return to_tensor_pm1(center_crop_arr(image, self.size))
+        return to_tensor_pm1(random_crop_arr(image, self.size, generator=self.generator(base, index)))
 
 
 def make_transform(size: int, train: bool) -> EvalTransform | TrainTransform:

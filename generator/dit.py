@@ -58,8 +58,9 @@ class DiTConfig:
     def __post_init__(self) -> None:
         for name in ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "num_classes"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"DiTConfig.{name} must be a positive int, got {value!r}")
+            smallest = 0 if name == "num_classes" else 1  # 0 classes: an unconditional DiT (paper C.3, Table 8)
+            if not isinstance(value, int) or isinstance(value, bool) or value < smallest:
+                raise ValueError(f"DiTConfig.{name} must be an int >= {smallest}, got {value!r}")
         if self.input_size % self.patch_size:
             raise ValueError(f"input_size {self.input_size} is not divisible by patch_size {self.patch_size}")
         if self.hidden_size % self.num_heads:
@@ -83,6 +84,11 @@ class DiTConfig:
             if len(self.class_names) != self.num_classes:
                 raise ValueError(f"DiTConfig.class_names has {len(self.class_names)} names for {self.num_classes} "
                                  "classes")
+
+    @property
+    def unconditional(self) -> bool:
+        """No classes: every sample carries the null label (the paper's stage-2 comparisons, appendix C.3)."""
+        return self.num_classes == 0
 
     @property
     def out_channels(self) -> int:
@@ -226,7 +232,8 @@ class DiT(nn.Module):
         dim, patch = config.hidden_size, config.patch_size
         self.x_embedder = nn.Conv2d(config.in_channels, dim, kernel_size=patch, stride=patch)
         self.t_embedder = nn.Sequential(nn.Linear(TIMESTEP_FREQUENCY_DIM, dim), nn.SiLU(), nn.Linear(dim, dim))
-        # Row `num_classes` is the null class: label dropout in training, the unconditional branch of CFG.
+        # Row `num_classes` is the null class: label dropout in training, the unconditional branch of CFG, and the
+        # only row of an unconditional model (num_classes 0).
         self.y_embedder = nn.Embedding(config.num_classes + 1, dim)
         # Fixed, rebuilt from the config in initialize_weights, so not saved with the weights.
         self.register_buffer("pos_embed", torch.zeros(1, config.num_patches, dim), persistent=False)
@@ -300,6 +307,8 @@ class DiT(nn.Module):
             t = t.expand(x.shape[0])
         tokens = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed  # (B, N, D)
         c = self.t_embedder(timestep_frequencies(t).to(tokens.dtype))  # (B, D)
+        if config.unconditional:
+            y = torch.full((x.shape[0],), self.null_class, dtype=torch.long, device=x.device)
         c = c + self.y_embedder(self.drop_labels(y, force_drop_ids))
         for block in self.blocks:
             tokens = block(tokens, c)

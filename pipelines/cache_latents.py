@@ -3,6 +3,10 @@
 For every input image the encoder's posterior moments (mean, log-variance) of the ADM center crop *and* of its
 horizontal flip are stored, with the class index (format: `data.latent_shards`). DiT trains with random flips
 (paper C.3); flipping a latent is not the same as encoding the flipped image, so both are encoded once here.
+`crop="random"` stores `crops_per_image` ADM random crops per image instead (C.3's "random cropping"), each with
+its flip, keyed `<key>_c<j>` and drawn from a generator seeded by (seed, key, j): the same crops on any number of
+ranks and after any resume. The crop settings are in cache_info.json (a rerun with others is refused) and in the
+manifest's `source`.
 
 Ranks (`accelerate launch`): rank r encodes `indices[r::world]` of a map-style source (offline photos, ImageNet
 folders) or its `data.sharding` share of webdataset image shards, and writes only files named
@@ -52,19 +56,24 @@ class CacheLatentsConfig:
 
     tokenizer: str | None = None  # a save_pretrained directory (EpsVAE or VAE); None only with verify
     data: str = "offline"  # see data.sources.build_image_dataset
-    output_dir: str = "runs/latents"
-    split: str = "train"
-    resolution: int = 256
+    output_dir: str = "runs/latents"  # shards, manifest.json, cache_info.json and config.yaml
+    split: str = "train"  # split of the data source to encode
+    resolution: int = 256  # image side the tokenizer encodes (center crop, then resize)
     batch_size: int = 64
-    num_workers: int = 4
-    samples_per_shard: int = 1000
-    precision: str = "no"
+    num_workers: int = 4  # DataLoader worker processes per process
+    samples_per_shard: int = 1000  # latents per webdataset .tar shard
+    precision: str = "auto"  # encoder autocast: auto | fp32 | bf16 | fp16 (pipelines.kit.precision)
     storage_dtype: str = "float32"  # dtype of the stored moments
     use_ema: bool = False  # load the tokenizer's ema.safetensors instead of model.safetensors
     crops_per_class: int | None = None  # offline source only: crops per photo (default: the source's)
+    # Which crops of each image are encoded (data.transforms.CacheCrops): "center" (ADM's, one per image) or
+    # "random" (crops_per_image ADM random crops per image, seeded per image by `seed`; paper C.3).
+    crop: str = "center"
+    crops_per_image: int = 1  # crops encoded per image (see the crop mode)
+    seed: int = 0  # seed of the random crops / flips
     verify: bool = False  # re-read every shard afterwards and check counts and checksums
-    cpu: bool = False
-    collective_timeout_s: float = 600.0
+    cpu: bool = False  # force CPU even where a GPU is visible (CPU-only `accelerate launch`)
+    collective_timeout_s: float = 600.0  # a dead peer → the survivors raise after this long instead of hanging
 
     def __post_init__(self) -> None:
         for name in ("resolution", "batch_size", "samples_per_shard"):
@@ -75,8 +84,21 @@ class CacheLatentsConfig:
         check_precision(self.precision)
         if self.storage_dtype not in STORAGE_DTYPES:
             raise ValueError(f"storage_dtype must be one of {sorted(STORAGE_DTYPES)}, got {self.storage_dtype!r}")
+        self.crops()  # one-line errors for a bad crop / crops_per_image pair
         if self.tokenizer is None and not self.verify:
-            raise ValueError("--tokenizer is required (or pass --verify alone to check an existing cache)")
+            raise ValueError("--tokenizer is required (a save_pretrained folder); to check an existing cache run "
+                             "`scripts/cache_latents.py --output-dir DIR --verify`")
+
+
+    def crops(self):
+        from data.transforms import CacheCrops
+
+        return CacheCrops(self.resolution, self.crop, self.crops_per_image, self.seed)
+
+    def crop_settings(self) -> dict[str, Any]:
+        """What cache_info.json and the manifest record about the crops (the seed only matters for random)."""
+        return {"crop": self.crop, "crops_per_image": self.crops_per_image,
+                "crop_seed": self.seed if self.crop == "random" else None}
 
 
 @dataclass(frozen=True)
@@ -107,44 +129,67 @@ def _webdataset_key(sample: dict) -> str:
     return re.sub(r"[./]", "_", f"{shard}_{sample['__key__']}")
 
 
-class _IndexedImages(Dataset):
-    """The listed indices of a map-style source, without the folder source's bad-file substitution: a file that
-    cannot be decoded comes back as a record (so it lands in the manifest) instead of as a neighbouring image."""
+def _pil_from_pm1(image: torch.Tensor):
+    """(3, H, W) in [-1, 1] → RGB PIL image: the exact inverse of `to_tensor_pm1` for 8-bit sources."""
+    from PIL import Image
 
-    def __init__(self, dataset: Dataset, indices: list[int], resolution: int):
-        self.dataset, self.indices, self.resolution = dataset, indices, resolution
+    array = ((image.float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+    return Image.fromarray(array, mode="RGB")
+
+
+class _IndexedImages(Dataset):
+    """The listed (dataset index, crop number) items of a map-style source, without the folder source's bad-file
+    substitution: a file that cannot be decoded comes back as a record (so it lands in the manifest) instead of
+    as a neighbouring image. Random crops of a source that yields tensors (offline photos) are cut from its
+    (3, R, R) image; a folder image is cropped from the decoded file."""
+
+    def __init__(self, dataset: Dataset, items: list[tuple[int, int]], resolution: int, crops):
+        self.dataset, self.items, self.resolution, self.crops = dataset, items, resolution, crops
 
     def __len__(self) -> int:
-        return len(self.indices)
+        return len(self.items)
 
     def __getitem__(self, position: int) -> tuple[torch.Tensor, int, str, str, str]:
-        index = self.indices[position]
-        key = sample_key(index)
+        index, crop = self.items[position]
+        base = sample_key(index)
+        key = self.crops.key(base, crop)
         if isinstance(self.dataset, ImageFolderDataset):
             path, label = self.dataset.samples[index]
             try:
                 image = decode_image(path, self.resolution, self.dataset.upscale_small, self.dataset.alpha)
             except BadImageError as error:
                 return torch.zeros(3, self.resolution, self.resolution), label, key, error.path, error.reason
-            return self.dataset.transform(image), label, key, "", ""
+            if self.crops.mode == "center":
+                return self.dataset.transform(image), label, key, "", ""
+            return self.crops(image, base, crop), label, key, "", ""
         image, label = self.dataset[index]
+        if self.crops.mode != "center":
+            image = self.crops(_pil_from_pm1(image), base, crop)
         return image, int(label), key, "", ""
 
 
-def _decode_webdataset_samples(samples: Iterator[dict], transform, resolution: int,
+def _keep_image(image):
+    return image
+
+
+def _decode_webdataset_samples(samples: Iterator[dict], crops, resolution: int,
                                done_keys: frozenset[str]) -> Iterator[tuple[torch.Tensor, int, str, str, str]]:
+    """One item per crop not yet cached (`crops`: data.transforms.CacheCrops); each image is decoded once."""
     from data.webdataset_images import decode_image_sample
 
     for sample in samples:
-        key = _webdataset_key(sample)
-        if key in done_keys:
+        base = _webdataset_key(sample)
+        keys = [crops.key(base, j) for j in range(crops.crops_per_image)]
+        if all(key in done_keys for key in keys):
             continue
         try:
-            image, label = decode_image_sample(sample, transform, resolution)
+            image, label = decode_image_sample(sample, _keep_image, resolution)
         except BadImageError as error:
-            yield torch.zeros(3, resolution, resolution), -1, key, error.path, error.reason
+            yield torch.zeros(3, resolution, resolution), -1, keys[0], error.path, error.reason
             continue
-        yield image, label, key, "", ""
+        for j, key in enumerate(keys):
+            if key not in done_keys:
+                yield crops(image, base, j), label, key, "", ""
 
 
 def _webdataset_items(location: str, config: CacheLatentsConfig, rank: int, world_size: int,
@@ -155,11 +200,10 @@ def _webdataset_items(location: str, config: CacheLatentsConfig, rank: int, worl
     import webdataset as wds
 
     from data.sharding import ShardSource, SkipCounter, keep_my_samples
-    from data.transforms import make_transform
 
     source = ShardSource(location.replace("{split}", config.split), rank, world_size, shuffle=False)
-    decode = partial(_decode_webdataset_samples, transform=make_transform(config.resolution, train=False),
-                     resolution=config.resolution, done_keys=done_keys)
+    decode = partial(_decode_webdataset_samples, crops=config.crops(), resolution=config.resolution,
+                     done_keys=done_keys)
     # Unreadable tar data cannot be attributed to a sample: it is counted and named in the warning log.
     pipeline = wds.DataPipeline(source, wds.tarfile_to_samples(handler=SkipCounter(what="tar member")),
                                 partial(keep_my_samples, source=source), decode)
@@ -186,7 +230,8 @@ def _check_cache_info(out_dir: Path, info: dict[str, Any]) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(info, indent=1, sort_keys=True))
         return
-    previous = json.loads(path.read_text())
+    # Caches made before crops were configurable hold center crops, one per image.
+    previous = {"crop": "center", "crops_per_image": 1, "crop_seed": None, **json.loads(path.read_text())}
     changed = sorted(k for k in set(info) | set(previous) if info.get(k) != previous.get(k))
     if changed:
         raise ValueError(f"{out_dir} already holds latents made with different {', '.join(changed)} "
@@ -255,7 +300,7 @@ def cache_latents(config: CacheLatentsConfig) -> CacheResult:
     kind, location = resolve_source(config.data)
     info = {"tokenizer_weights_sha256": weights_sha, "data": config.data, "split": config.split,
             "resolution": config.resolution, "crops_per_class": config.crops_per_class,
-            "storage_dtype": config.storage_dtype}
+            "storage_dtype": config.storage_dtype, **config.crop_settings()}
     if accelerator.is_main_process:
         _check_cache_info(out_dir, info)
     accelerator.wait_for_everyone()
@@ -280,10 +325,12 @@ def cache_latents(config: CacheLatentsConfig) -> CacheResult:
         class_names = list(dataset.class_names)
         index_skips = list(getattr(dataset, "skipped", []))  # found while indexing: the same on every rank
         samples = getattr(dataset, "samples", None)
-        indices = [i for i in range(len(dataset))[rank::world_size]
-                   if sample_key(i) not in done_keys and (samples is None or samples[i][0] not in known_skipped)]
-        items = _IndexedImages(dataset, indices, config.resolution)
-        total_todo = len(indices)
+        crops = config.crops()
+        todo = [(i, j) for i in range(len(dataset))[rank::world_size] for j in range(crops.crops_per_image)
+                if crops.key(sample_key(i), j) not in done_keys
+                and (samples is None or samples[i][0] not in known_skipped)]
+        items = _IndexedImages(dataset, todo, config.resolution, crops)
+        total_todo = len(todo)
     loader = DataLoader(items, batch_size=config.batch_size, num_workers=config.num_workers, shuffle=False)
 
     tokenizer.encoder.to(device)  # only the encoder runs here; the decoder stays where it was loaded
@@ -334,7 +381,8 @@ def cache_latents(config: CacheLatentsConfig) -> CacheResult:
         manifest = merge_manifests(
             str(out_dir), tokenizer_config=tokenizer_config, tokenizer_weights_sha256=weights_sha,
             class_names=class_names,
-            extra={"source": {"data": config.data, "split": config.split, "resolution": config.resolution},
+            extra={"source": {"data": config.data, "split": config.split, "resolution": config.resolution,
+                              **config.crop_settings()},
                    "encoder": {"downsample": tokenizer.downsample, "latent_channels": tokenizer.latent_channels},
                    "storage_dtype": config.storage_dtype},
         )

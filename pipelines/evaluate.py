@@ -24,23 +24,23 @@ from tokenizer import load_tokenizer
 
 @dataclass(frozen=True)
 class ReconstructionEvalConfig:
-    tokenizer: str
-    data: str = "offline"
-    split: str = "val"
-    resolution: int = 128
+    tokenizer: str  # ε-VAE / VAE save_pretrained folder or Hub id
+    data: str = "offline"  # offline | ImageNet-style folder | webdataset shards (data.sources.build_image_dataset)
+    split: str = "val"  # split of the data source
+    resolution: int = 128  # image side at 1× (the training resolution)
     resolution_multipliers: tuple[int, ...] = (1, 2)  # 2× = resolution generalisation (Table 1)
     decode_steps: tuple[int, ...] = (1, 2, 3)
     features: str = "inception"  # "inception" → rFID; "effnet-l0" → rFD-EffNetL0 (offline)
     feature_weights: str | None = None
-    perceptual: str = "lpips-vgg"
-    perceptual_weights: str | None = None
+    perceptual: str = "lpips-vgg"  # network of the LPIPS-style score
+    perceptual_weights: str | None = None  # weights file of the perceptual network (default: its package's cache)
     num_images: int | None = None  # None: the whole split
     batch_size: int = 32
-    seed: int = 0
+    seed: int = 0  # seed of the decoder noise (same images, same numbers)
     use_ema: bool = False  # save_pretrained already stores EMA weights as the default
-    precision: str = "no"
+    precision: str = "auto"  # encode/decode autocast: auto | fp32 | bf16 | fp16; every score is fp32/64
     device: str | None = None
-    num_workers: int = 2
+    num_workers: int = 2  # DataLoader worker processes
     output: str | None = None  # JSON path; a .md table is written beside it
 
     def __post_init__(self) -> None:

@@ -47,30 +47,30 @@ GRID_NAME, NPZ_NAME, REPORT_NAME = "grid.png", "samples.npz", "sampling.json"  #
 class SampleConfig:
     """Everything `run_sampling` needs. Defaults are the paper's protocol (C.3): 250 DDPM steps, no CFG."""
 
-    generator: str
-    tokenizer: str
-    out: str = "runs/samples"
+    generator: str  # DiT save_pretrained folder or Hub id
+    tokenizer: str  # ε-VAE / VAE save_pretrained folder or Hub id
+    output_dir: str = "runs/samples"  # PNGs, grid.png, samples.npz, settings.json, config.yaml
     classes: str = "all"  # "all", or ids / class names: "207,360,387"
     per_class: int | None = None  # K images of each class, class-major order
     num: int | None = None  # N images, classes cycled (balanced); default: per_class 1, or one per seed
     seeds: str | None = None  # "0-49999", "1,5,9-12": one per image
     seed: int = 0  # without --seeds, image i gets seed + i
-    ddpm_steps: int = 250
+    ddpm_steps: int = 250  # respaced DDPM sampling steps (paper: 250)
     decode_steps: int = DEFAULT_DECODE_STEPS  # ε-VAE Euler steps (1-3 in the paper); ignored by the baseline VAE
     cfg_scale: float = 1.0  # 1 = no guidance (the paper's numbers)
-    variance: str = "fixed_large"
+    variance: str = "fixed_large"  # DDPM posterior variance: fixed_large (DiT's default) | fixed_small
     batch_size: int = 32
-    precision: str = "no"  # no / fp32 / bf16 / fp16 autocast
+    precision: str = "auto"  # DiT and decoder autocast: auto | fp32 | bf16 | fp16 (pipelines.kit.precision)
     use_ema: bool = False  # the DiT's ema.safetensors (training already saves EMA weights as model.safetensors)
-    tokenizer_use_ema: bool = False
-    allow_tokenizer_mismatch: bool = False
+    tokenizer_use_ema: bool = False  # the tokenizer's ema.safetensors instead of model.safetensors
+    allow_tokenizer_mismatch: bool = False  # decode with a tokenizer other than the one the DiT was trained on
     decode_tile: int | None = None  # latent tile size for tiled decoding of large images; None: whole image
-    decode_tile_overlap: int = 4
+    decode_tile_overlap: int = 4  # latent pixels shared by neighbouring tiles (blended)
     grid_classes: int = 16  # rows of grid.png
-    grid_columns: int = 8
-    write_npz: bool = True
+    grid_columns: int = 8  # columns of grid.png
+    write_npz: bool = True  # also write samples.npz (ADM evaluator format)
     overwrite: bool = False  # delete the folder's samples made with other settings and start over
-    cpu: bool = False
+    cpu: bool = False  # force CPU even where a GPU is visible (CPU-only `accelerate launch`)
 
     def __post_init__(self) -> None:
         if isinstance(self.decode_steps, bool) or self.decode_steps < 1:
@@ -130,8 +130,11 @@ def parse_seeds(text: str) -> list[int]:
 
 def plan_samples(config: SampleConfig, num_classes: int,
                  class_names: Sequence[str] | None = None) -> tuple[list[int], list[int]]:
-    """(labels, seeds), one entry per image index (see `SampleConfig` for the counting rules)."""
-    classes = parse_classes(config.classes, num_classes, class_names)
+    """(labels, seeds), one entry per image index (see `SampleConfig` for the counting rules).
+
+    An unconditional DiT (0 classes) has one label, its null class 0: `--num` / `--per-class` count its images.
+    """
+    classes = [0] if num_classes == 0 else parse_classes(config.classes, num_classes, class_names)
     seeds = parse_seeds(config.seeds) if config.seeds is not None else None
     if config.per_class is not None:
         if config.num is not None and config.num != config.per_class * len(classes):
@@ -233,7 +236,7 @@ def settings_conflict(out_dir: Path, settings: dict[str, Any]) -> str | None:
     held = [p for p in _tool_outputs(out_dir) if p.name not in (REPORT_NAME, SETTINGS_NAME)]
     if not held:
         return None
-    advice = "(use --overwrite to replace them, or another --out)"
+    advice = "(use --overwrite to replace them, or another --output-dir)"
     try:
         old = json.loads((out_dir / SETTINGS_NAME).read_text())
     except FileNotFoundError:
@@ -291,7 +294,7 @@ def run_sampling(config: SampleConfig, pipeline: GenerationPipeline | None = Non
     dit_config = load_config(config.generator)  # one-line errors before anything heavy
     class_names = pipeline.class_names if pipeline is not None else read_provenance(config.generator).get("class_names")
     labels, seeds = plan_samples(config, dit_config.num_classes, class_names)
-    out_dir = Path(config.out)
+    out_dir = Path(config.output_dir)
     _check_writable(out_dir, state.process_index)
     if pipeline is None:
         pipeline = GenerationPipeline.from_pretrained(

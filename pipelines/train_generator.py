@@ -47,9 +47,12 @@ class GeneratorModelConfig:
     model: str = "DiT-XL/2"  # a key of generator.DiT_models
     model_overrides: dict[str, Any] = field(default_factory=dict)  # MODEL_OVERRIDE_FIELDS only
     learn_sigma: bool = False  # the paper drops the VLB term: ε only
-    qk_norm: bool = False
+    qk_norm: bool = False  # RMS-normalise queries and keys (stabler attention at scale)
     class_dropout_prob: float = 0.1  # label dropout (keeps CFG possible)
-    diffusion_steps: int = 1000
+    diffusion_steps: int = 1000  # DDPM training steps T (linear β 1e-4..0.02)
+    # Ignore the shards' labels and train without classes (the paper's stage-2 system comparisons, appendix C.3
+    # and Table 8, use an unconditional DiT); sampling then takes no classes, only a number of images.
+    unconditional: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model_overrides", dict(self.model_overrides))
@@ -65,8 +68,8 @@ class GeneratorModelConfig:
 class LatentDataConfig:
     shards: str = "runs/latents"  # a cache_latents output directory (manifest.json + shards)
     batch_size: int = 256  # global: per_device × processes × grad_accum
-    num_workers: int = 4
-    shuffle_buffer: int = 1000
+    num_workers: int = 4  # DataLoader worker processes per process
+    shuffle_buffer: int = 1000  # latents held in the streaming shuffle buffer
     on_bad_shard: str = "raise"  # a damaged shard: "raise" (naming it) or "skip" (counted in the metrics)
 
     def __post_init__(self) -> None:
@@ -80,7 +83,7 @@ class LatentDataConfig:
 
 @dataclass(frozen=True)
 class GeneratorOptimConfig(TrainingOptimConfig):
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0  # AdamW weight decay (DiT: 0)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -91,11 +94,11 @@ class GeneratorOptimConfig(TrainingOptimConfig):
 class SampleGridConfig:
     """Sample grids: EMA weights, respaced DDPM, decoded with the tokenizer; skipped without one."""
 
-    sample_every: int = 10_000
-    sample_steps: int = 50
-    sample_images: int = 16
-    decode_steps: int = DEFAULT_DECODE_STEPS
-    tokenizer: str | None = None
+    sample_every: int = 10_000  # steps between sample grids
+    sample_steps: int = 50  # respaced DDPM steps of the grids
+    sample_images: int = 16  # images per grid
+    decode_steps: int = DEFAULT_DECODE_STEPS  # ε-VAE decode steps of the grids
+    tokenizer: str | None = None  # tokenizer folder that decodes the grids (None: no grids)
 
     def __post_init__(self) -> None:
         require_at_least(self, 1, "sample_every", "sample_steps", "sample_images", "decode_steps")
@@ -108,8 +111,8 @@ class GeneratorTrainConfig(SectionedConfig):
 
     model: GeneratorModelConfig = field(default_factory=GeneratorModelConfig)
     data: LatentDataConfig = field(default_factory=LatentDataConfig)
-    # The shared optim section's defaults are DiT's: lr 1e-4, β=(0.9, 0.999), no warm-up, 400k steps, EMA 0.9999,
-    # grad_clip None (measure the norm only: DiT does not clip).
+    # The shared optim section's defaults are DiT's: lr 1e-4, β=(0.9, 0.999), no warm-up, EMA 0.9999, grad_clip
+    # None (measure the norm only: DiT does not clip); one million steps, as the paper trains its DiTs (C.3).
     optim: GeneratorOptimConfig = field(default_factory=GeneratorOptimConfig)
     sample: SampleGridConfig = field(default_factory=SampleGridConfig)
     run: RunConfig = field(default_factory=lambda: RunConfig(
@@ -160,19 +163,21 @@ def dit_config_from_manifest(config: GeneratorTrainConfig, manifest: dict[str, A
     if min(std) <= 0:
         raise ValueError(f"the manifest's latent_std has a zero channel ({std}): the latents are constant")
     return DiTConfig.from_name(
-        config.model.model, input_size=int(height), in_channels=int(channels), num_classes=int(manifest["num_classes"]),
+        config.model.model, input_size=int(height), in_channels=int(channels),
+        num_classes=0 if config.model.unconditional else int(manifest["num_classes"]),
         class_dropout_prob=config.model.class_dropout_prob, learn_sigma=config.model.learn_sigma,
         qk_norm=config.model.qk_norm,
         latent_mean=tuple(float(m) for m in manifest["latent_mean"]), latent_std=tuple(std),
-        **_provenance_fields(manifest), **config.model.model_overrides,
+        **_provenance_fields(config, manifest), **config.model.model_overrides,
     )
 
 
-def _provenance_fields(manifest: dict[str, Any]) -> dict[str, Any]:
+def _provenance_fields(config: GeneratorTrainConfig, manifest: dict[str, Any]) -> dict[str, Any]:
     """What sampling needs from the shard manifest, copied into the DiT's own config (a folder copied anywhere
     keeps its class names and knows its tokenizer)."""
     names = manifest.get("class_names")
-    fields = {"class_names": tuple(names) if names and len(names) == int(manifest["num_classes"]) else None,
+    keep_names = names and len(names) == int(manifest["num_classes"]) and not config.model.unconditional
+    fields = {"class_names": tuple(names) if keep_names else None,
               "tokenizer_fingerprint": (manifest.get("tokenizer") or {}).get("weights_sha256")}
     encoder, source = manifest.get("encoder") or {}, manifest.get("source") or {}
     if "downsample" in encoder:
@@ -212,7 +217,9 @@ def write_sample_grid(dit: DiT, ema: EMA, tokenizer, config: GeneratorTrainConfi
     from pipelines.kit.generation import generate_latents
 
     device = next(dit.parameters()).device
-    labels = torch.arange(config.sample.sample_images, device=device) % dit.config.num_classes  # (N,)
+    labels = torch.arange(config.sample.sample_images, device=device) % max(dit.config.num_classes, 1)  # (N,)
+    if dit.config.unconditional:
+        labels = torch.full_like(labels, dit.null_class)
     generator = torch.Generator(device=device).manual_seed(config.run.seed)
     with ema.swapped_in(dit):
         latents = generate_latents(dit, labels, config.sample.sample_steps, generator)  # (N, C, h, w)
@@ -258,6 +265,7 @@ def train_generator(config: GeneratorTrainConfig) -> TrainedGenerator:
     start_step = 0
     resume_from = manager.resolve(config.run.resume)
     if resume_from is not None:
+        config.check_resume(resume_from)  # one line if the stored run had other settings
         state = manager.load(resume_from, **parts)
         start_step = state.step
         guard.load_state_dict(state.extra.get("nonfinite_guard", guard.state_dict()))

@@ -4,7 +4,10 @@ One generator step per micro-batch computes
     L = L_score + λ_LPIPS·L_LPIPS(x̂0_t, x0) + λ_adv·L_adv(D(x̂0_t, x_t, t)) + kl_weight·KL          (Eq. 1, 9-12)
 and one discriminator step contrasts real trajectories (x0, x_t) with fake ones (x̂0_t, x_t), plus a lazy R1
 penalty on the real inputs. The baseline VAE uses the same machinery with L_rec on its single-step output and
-an unconditional 3-channel discriminator.
+an unconditional 3-channel discriminator. KL is the posterior's KL summed over latent dims and, for models with
+`kl_normalization="pixels"` (the default), divided by 3·H·W: the SD/LDM balance at any size (`losses.kl_loss`).
+Gradient clipping is off unless `grad_clip` is set (C.2 names none); the discriminator's learning-rate warm-up
+starts at `disc_start`, its first update.
 
 DDP notes: the whole generator side runs inside `TokenizerTrainingStep.forward` so DDP syncs encoder and
 decoder gradients; the adversarial term of the generator step goes through the *unwrapped* discriminator with
@@ -45,16 +48,16 @@ class TokenizerModelConfig:
     """A preset pair plus overrides (gamma, latent_channels, downsample, conditioning, ...), or --init-from."""
 
     model_type: str = "eps_vae"  # "eps_vae" | "vae"
-    encoder: str = "lite"
-    decoder: str = "B"
+    encoder: str = "lite"  # encoder preset (tokenizer.encoder.ENCODER_PRESETS)
+    decoder: str = "B"  # decoder preset (Table 5; tokenizer.unet.ADM_PRESETS, or VAE_DECODER_PRESETS for the VAE)
     model_overrides: dict[str, Any] = field(default_factory=dict)
     init_from: str | None = None  # a save_pretrained dir: multi-stage training (128² then 256², Table 1 †)
-    discriminator: str = "default"
+    discriminator: str = "default"  # discriminator preset
     # Start the encoder from a diffusers-format AutoencoderKL (folder or Hub id; the `sd` encoder preset), e.g.
     # the SD VAE, and/or keep the encoder fixed: with both, the run trains a few-step diffusion decoder for
     # existing SD latents (the use case of OpenAI's consistency decoder).
     init_encoder_from: str | None = None
-    freeze_encoder: bool = False
+    freeze_encoder: bool = False  # keep the encoder's weights fixed
 
     def __post_init__(self) -> None:
         if self.model_type not in MODEL_CLASSES:
@@ -71,10 +74,10 @@ class TokenizerModelConfig:
 
 @dataclass(frozen=True)
 class TokenizerDataConfig:
-    data: str = "offline"
-    resolution: int = 128
+    data: str = "offline"  # offline | ImageNet-style folder | webdataset shards (data.sources.build_image_dataset)
+    resolution: int = 128  # training image side; must be divisible by the encoder's downsample
     batch_size: int = 256  # global: per_device × processes × grad_accum
-    num_workers: int = 4
+    num_workers: int = 4  # DataLoader worker processes per process
 
     def __post_init__(self) -> None:
         require_at_least(self, 1, "resolution", "batch_size")
@@ -82,7 +85,7 @@ class TokenizerDataConfig:
 
 @dataclass(frozen=True)
 class TokenizerOptimConfig(TrainingOptimConfig):
-    disc_lr: float = 1e-4
+    disc_lr: float = 1e-4  # discriminator learning rate
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -91,13 +94,13 @@ class TokenizerOptimConfig(TrainingOptimConfig):
 
 @dataclass(frozen=True)
 class TokenizerLossConfig:
-    perceptual: str = "lpips-vgg"
-    perceptual_weights: str | None = None
-    perceptual_weight: float = 0.5
-    adversarial_weight: float = 0.5
+    perceptual: str = "lpips-vgg"  # perceptual-loss network (lpips-vgg: the paper; effnet-l0: offline)
+    perceptual_weights: str | None = None  # weights file of the perceptual network (default: its package's cache)
+    perceptual_weight: float = 0.5  # λ_LPIPS of the perceptual term (paper: 0.5)
+    adversarial_weight: float = 0.5  # λ_adv of the adversarial term (paper: 0.5)
     disc_start: int = 0  # generator's adversarial term and discriminator updates start at this step
     r1_weight: float = 0.1  # γ_R1 / 2 in StyleGAN's notation, applied every r1_interval steps (lazy R1)
-    r1_interval: int = 4
+    r1_interval: int = 4  # steps between lazy R1 penalties
     reconstruction: str = "l1"  # baseline VAE only
 
     def __post_init__(self) -> None:
@@ -107,7 +110,7 @@ class TokenizerLossConfig:
 
 @dataclass(frozen=True)
 class TokenizerRunConfig(RunConfig):
-    image_every: int = 1000
+    image_every: int = 1000  # steps between reconstruction images
     # NHWC activations and weights for the convolutional nets: faster convolutions on tensor-core GPUs under
     # bf16 and on CPUs with oneDNN; checkpoints and saved weights are the same either way.
     channels_last: bool = False
@@ -126,7 +129,7 @@ class TokenizerTrainConfig(SectionedConfig):
     data: TokenizerDataConfig = field(default_factory=TokenizerDataConfig)
     optim: TokenizerOptimConfig = field(default_factory=lambda: TokenizerOptimConfig(
         lr=1e-4, disc_lr=1e-4, adam_betas=(0.0, 0.999), warmup_steps=5000, max_steps=1_000_000, grad_accum=1,
-        grad_clip=1.0, ema_decay=0.999))
+        grad_clip=None, ema_decay=0.999))  # C.2 names no gradient clipping: None measures the norm only
     loss: TokenizerLossConfig = field(default_factory=TokenizerLossConfig)
     run: TokenizerRunConfig = field(default_factory=lambda: TokenizerRunConfig(
         output_dir="runs/tokenizer", checkpoint_every=1000, keep_last=3, log_every=10))
@@ -172,7 +175,8 @@ class TokenizerTrainingStep(nn.Module):
     def forward(self, images: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> TrainingOutputs:
         posterior = self.tokenizer.encode_posterior(images)
         z = posterior.sample()  # (B, C, h, w)
-        return self.tokenizer.objective.training_outputs(self.tokenizer, images, z, posterior.kl(), noise, t)
+        kl = losses.kl_loss(posterior.kl(), images, self.tokenizer.config.kl_normalization)  # (B,)
+        return self.tokenizer.objective.training_outputs(self.tokenizer, images, z, kl, noise, t)
 
 
 def sample_training_time(tokenizer: EpsVAE | VAE, batch: int, device: torch.device) -> torch.Tensor:
@@ -342,7 +346,8 @@ def train_tokenizer(config: TokenizerTrainConfig) -> Path:
     opt_g = build_optimizer(step_module, OptimizerConfig(lr=config.optim.lr, betas=config.optim.adam_betas))
     opt_d = build_optimizer(discriminator, OptimizerConfig(lr=config.optim.disc_lr, betas=config.optim.adam_betas))
     sched_g = warmup_scheduler(opt_g, config.optim.warmup_steps)
-    sched_d = warmup_scheduler(opt_d, config.optim.warmup_steps)
+    # The discriminator's warm-up counts from its first update (disc_start), not from step 0.
+    sched_d = warmup_scheduler(opt_d, config.optim.warmup_steps, start=config.loss.disc_start)
     step_module, discriminator, opt_g, opt_d = accelerator.prepare(step_module, discriminator, opt_g, opt_d)
     if sampler is not None:  # webdataset streams are already split by rank inside the dataset
         loader = accelerator.prepare(loader)
@@ -362,6 +367,7 @@ def train_tokenizer(config: TokenizerTrainConfig) -> Path:
     start_step, position = 0, {"epoch": 0, "batches_in_epoch": 0}
     resume_from = manager.resolve(config.run.resume)
     if resume_from is not None:
+        config.check_resume(resume_from)  # one line if the stored run had other settings
         state = manager.load(resume_from, **parts)
         start_step = state.step
         position = {"epoch": state.data_state["epoch"], "batches_in_epoch": state.data_state["batches_in_epoch"]}

@@ -1,26 +1,41 @@
 #!/usr/bin/env python
-"""The main job (`make demo`): train and evaluate the whole two-stage pipeline offline on CPU.
+r"""The main job (`make demo`): train and evaluate the whole two-stage pipeline offline on CPU.
 
-Writes runs/demo/report.md, metrics.json, recon.png, grid.png and loss.png. A second run reuses finished
-stages; --fresh (make demo FRESH=1) starts over.
+Writes <output-dir>/report.md, metrics.json, recon.png, grid.png and loss.png (default runs/demo). A second run
+reuses finished stages; --fresh (make demo FRESH=1) starts over.
+
+Examples:
+    python scripts/demo.py                                    # ~12 min on 2 CPU cores
+    python scripts/demo.py --profile tiny --output-dir /tmp/demo --fresh
 """
 from __future__ import annotations
 
 import sys
 
-from _cli import ArgumentParser, run_main
+from _cli import OUTPUT_DIR_FLAG, add_deprecated_alias, parse_arguments, run_main, script_parser, \
+    write_effective_config
 
 
-def main(argv=None) -> None:
-    from pipelines.experiments.demo import PROFILES, run_demo
+def build_parser():
+    from pipelines.experiments.demo import PROFILES
 
-    parser = ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
+    parser = script_parser(__doc__)
+    parser.add_argument(OUTPUT_DIR_FLAG, dest="output_dir", default="runs/demo",
+                        help="where the demo writes its stages and report (default: runs/demo)")
+    add_deprecated_alias(parser, "--out", OUTPUT_DIR_FLAG, "output_dir")
     parser.add_argument("--profile", default="default", choices=sorted(PROFILES),
                         help="default: ~12 min on 2 CPU cores; tiny: seconds (tests)")
     parser.add_argument("--fresh", action="store_true", help="delete the output directory and start over")
-    args = parser.parse_args(argv)
-    run_demo(args.out, args.profile, args.fresh)
+    return parser
+
+
+def main(argv=None) -> None:
+    from pipelines.experiments.demo import run_demo
+
+    args = parse_arguments(build_parser(), argv)
+    run_demo(args.output_dir, args.profile, args.fresh)
+    write_effective_config(args.output_dir, {"output_dir": args.output_dir, "profile": args.profile},
+                           "scripts/demo.py")
 
 
 if __name__ == "__main__":

@@ -1,11 +1,11 @@
 #!/usr/bin/env python
-"""Stage 2: train the class-conditional DiT on cached latents. Thin CLI over `pipelines.train_generator`.
+r"""Stage 2: train the class-conditional DiT on cached latents. Thin CLI over `pipelines.train_generator`.
 
 Examples:
     python scripts/train_generator.py --shards runs/latents --model DiT-S/2 --depth 2 --hidden-size 64 \
-        --num-heads 2 --batch-size 16 --max-steps 200 --tokenizer runs/tok/model --output-dir runs/dit
+        --num-heads 2 --global-batch-size 16 --max-steps 200 --tokenizer runs/tok/model --output-dir runs/dit
     accelerate launch --multi_gpu --num_processes 8 scripts/train_generator.py --shards /data/latents \
-        --model DiT-XL/2 --batch-size 256 --precision bf16 --resume auto --output-dir runs/dit-xl
+        --model DiT-XL/2 --global-batch-size 256 --precision bf16 --resume auto --output-dir runs/dit-xl
 A resumed run restores model, EMA, optimiser and RNG; the resampled latent stream restarts with a seed derived
 from (seed, step), so it continues with fresh samples rather than replaying the exact data order.
 """
@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import sys
 
-from _cli import ArgumentParser, run_main, training_config, training_parser
+from _cli import (ArgumentParser, config_dict, parse_arguments, run_main, training_config, training_parser,
+                  write_effective_config)
 
 MODEL_OVERRIDE_FLAGS = {
     # flag: (type, help) — collected into GeneratorTrainConfig.model.model_overrides
@@ -29,7 +30,7 @@ def build_parser() -> ArgumentParser:
     from generator import DiT_models
     from pipelines.train_generator import GeneratorTrainConfig
 
-    return training_parser(__doc__.splitlines()[0], GeneratorTrainConfig,
+    return training_parser(__doc__, GeneratorTrainConfig,
                            {"model": list(DiT_models), "on_bad_shard": ["raise", "skip"]},
                            MODEL_OVERRIDE_FLAGS, "model overrides (applied on top of the DiT preset)")
 
@@ -37,8 +38,11 @@ def build_parser() -> ArgumentParser:
 def main(argv=None) -> None:
     from pipelines.train_generator import GeneratorTrainConfig, train_generator
 
-    config = training_config(GeneratorTrainConfig, build_parser().parse_args(argv), MODEL_OVERRIDE_FLAGS)
+    config = training_config(GeneratorTrainConfig, parse_arguments(build_parser(), argv), MODEL_OVERRIDE_FLAGS)
     result = train_generator(config)
+    written = write_effective_config(config.run.output_dir, config_dict(config), "scripts/train_generator.py")
+    if written:
+        print(f"settings in {written}")
     print(f"DiT ({result.num_parameters:,} parameters) saved to {result.model_dir} at step {result.step}")
 
 

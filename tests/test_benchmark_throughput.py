@@ -23,7 +23,7 @@ def load_script():
 def test_quick_throughput_writes_json_and_markdown_with_every_component(tmp_path):
     out = tmp_path / "bench"
     code = run_main(load_script().main, ["throughput", "--quick", "--precision", "fp32", "bf16", "--timed-steps", "1",
-                                         "--threads", "1", "--out", str(out)])
+                                         "--threads", "1", "--output-dir", str(out)])
     assert code == 0
     report = json.loads((out / "throughput.json").read_text())
     rows = {(r["compression"], r["tokenizer"], r["precision"]): r for r in report["rows"]}
@@ -45,6 +45,28 @@ def test_quick_throughput_writes_json_and_markdown_with_every_component(tmp_path
     table = (out / "throughput.md").read_text()
     assert "extrapolated from 1 timed steps" in table and "16× / 8×" in table
     assert table.count("| 8x") == 4 and table.count("| 16x") == 4
+
+
+def test_default_precision_is_auto_and_each_measurement_prints_as_it_is_taken(tmp_path, capsys, monkeypatch):
+    """The default run times this device's fast precision only (fp32 on a CPU without native bf16) and prints a
+    line per measurement before the tables; its settings land in config.yaml."""
+    from pipelines.kit import precision
+
+    monkeypatch.delenv(precision.ACCELERATE_ENV, raising=False)
+    out = tmp_path / "bench"
+    code = run_main(load_script().main, ["throughput", "--quick", "--timed-steps", "1", "--threads", "1",
+                                         "--compression", "16x", "--output-dir", str(out)])
+    assert code == 0
+    text = capsys.readouterr().out
+    expected = precision.resolve_precision("auto", "cpu")
+    lines = text.splitlines()
+    table = next(i for i, line in enumerate(lines) if line.startswith("Throughput on"))
+    progress = [line for line in lines[:table] if line.startswith("  16x")]
+    assert len(progress) == 3 and all(f" {expected} " in line for line in progress)  # DiT, eps-vae, vae
+    assert "matmul" in lines[1] and f"precisions ['{expected}'] (asked: ['auto'])" in lines[0]
+    report = json.loads((out / "throughput.json").read_text())
+    assert {r["precision"] for r in report["rows"]} == {expected}
+    assert "precisions:\n- auto" in (out / "config.yaml").read_text()
 
 
 def test_flop_counter_matches_a_hand_count():

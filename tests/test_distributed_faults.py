@@ -53,9 +53,9 @@ def _launch(latent_dir: Path, out: Path, log: Path, fault: str | None = None) ->
     command = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
                str(_free_port()), "scripts/train_generator.py", "--shards", str(latent_dir), "--output-dir", str(out),
-               "--model", "DiT-S/2", "--depth", "1", "--hidden-size", "32", "--num-heads", "2", "--batch-size", "8",
+               "--model", "DiT-S/2", "--depth", "1", "--hidden-size", "32", "--num-heads", "2", "--global-batch-size", "8",
                "--num-workers", "0", "--shuffle-buffer", "4", "--max-steps", "4", "--checkpoint-every", "1",
-               "--log-every", "1", "--cpu", "true", "--collective-timeout-s", str(COLLECTIVE_TIMEOUT_S),
+               "--log-every", "1", "--cpu", "--collective-timeout-s", str(COLLECTIVE_TIMEOUT_S),
                "--resume", "auto"]
     return subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
 

@@ -40,13 +40,15 @@ def tokenizer_dir(tmp_path_factory) -> Path:
 
 def cache_argv(tokenizer: Path, out: Path, *extra: str) -> list[str]:
     return ["--tokenizer", tokenizer, "--data", "offline", "--resolution", "32", "--crops-per-class", "3",
-            "--batch-size", "5", "--num-workers", "0", "--samples-per-shard", SAMPLES_PER_SHARD, "--cpu", "true",
+            "--per-process-batch-size", "5", "--num-workers", "0", "--samples-per-shard", SAMPLES_PER_SHARD, "--cpu",
             "--output-dir", out, *extra]
 
 
 def snapshot(directory: Path) -> dict[str, str]:
-    """sha256 of every file (shards, sidecars, manifest, cache_info): the whole observable result."""
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir()) if p.is_file()}
+    """sha256 of every file (shards, sidecars, manifest, cache_info): the whole observable result. config.yaml (the
+    command's settings, which name its own output directory) is left out."""
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir())
+            if p.is_file() and p.name != "config.yaml"}
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +86,7 @@ def test_cache_killed_mid_shard_and_mid_commit_finishes_identically(tokenizer_di
     assert not any(n.endswith(".tmp") for n in names) and "manifest.json" not in names
 
     # 3. Same command, uninterrupted: byte-identical shards, sidecars, manifest.
-    assert cli("cache_latents", cache_argv(tokenizer_dir, out, "--verify", "true")) == 0
+    assert cli("cache_latents", cache_argv(tokenizer_dir, out, "--verify")) == 0
     assert snapshot(out) == snapshot(reference_cache)
 
 
@@ -117,7 +119,7 @@ def test_verify_names_every_damaged_shard_in_one_line(damaged_cache, capsys):
     cache, flipped, truncated = damaged_cache
     before = snapshot(cache)
     capsys.readouterr()
-    assert cli("cache_latents", ["--output-dir", cache, "--verify", "true"]) == 2
+    assert cli("cache_latents", ["--output-dir", cache, "--verify"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and flipped in err[0] and truncated in err[0], err
     good = [s["name"] for s in load_manifest(str(cache))["shards"] if s["name"] not in (flipped, truncated)]
@@ -127,8 +129,8 @@ def test_verify_names_every_damaged_shard_in_one_line(damaged_cache, capsys):
 
 def generator_argv(shards: Path, out: Path, *extra: str) -> list[str]:
     return ["--shards", shards, "--output-dir", out, "--model", "DiT-S/2", "--depth", "1", "--hidden-size", "32",
-            "--num-heads", "2", "--batch-size", "4", "--num-workers", "0", "--shuffle-buffer", "4",
-            "--max-steps", "8", "--checkpoint-every", "100", "--log-every", "1", "--cpu", "true", *extra]
+            "--num-heads", "2", "--global-batch-size", "4", "--num-workers", "0", "--shuffle-buffer", "4",
+            "--max-steps", "8", "--checkpoint-every", "100", "--log-every", "1", "--cpu", *extra]
 
 
 def test_training_over_a_damaged_shard_fails_naming_it_or_skips_and_counts(damaged_cache, tmp_path, capsys, caplog):
@@ -229,7 +231,7 @@ def generator_dir(tokenizer_dir, reference_cache, tmp_path_factory) -> Path:
 def sample_argv(generator: Path, tokenizer: Path, out: Path) -> list[str]:
     # 16 images in batches of 2 with 100 DDPM steps each: long enough to be killed mid-run.
     return ["--generator", generator, "--tokenizer", tokenizer, "--classes", "all", "--per-class", "2",
-            "--ddpm-steps", "100", "--decode-steps", "2", "--batch-size", "2", "--cpu", "true", "--out", out]
+            "--ddpm-steps", "100", "--decode-steps", "2", "--per-process-batch-size", "2", "--cpu", "--output-dir", out]
 
 
 @pytest.mark.slow

@@ -33,9 +33,9 @@ from support import cache_tiny_latents, one_torch_thread, reset_accelerate
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER_ARGS = [
     "--data", "offline", "--encoder", "tiny", "--decoder", "tiny", "--discriminator", "tiny", "--resolution", "32",
-    "--batch-size", "4", "--perceptual", "none", "--perceptual-weight", "0", "--num-workers", "0",
+    "--global-batch-size", "4", "--perceptual", "none", "--perceptual-weight", "0", "--num-workers", "0",
     "--warmup-steps", "2", "--log-every", "1", "--image-every", "1000", "--keep-last", "10", "--seed", "3",
-    "--r1-interval", "2", "--cpu", "true", "--resume", "auto",
+    "--r1-interval", "2", "--cpu", "--resume", "auto",
 ]
 MAX_STEPS = 6
 CHECKPOINT_EVERY = 2
@@ -367,9 +367,9 @@ def latent_dir(tmp_path_factory) -> Path:
 
 def generator_argv(shards: Path, out: Path, max_steps: int = 6, *extra: str) -> list[str]:
     return ["--shards", shards, "--output-dir", out, "--model", "DiT-S/2", "--depth", "1", "--hidden-size", "32",
-            "--num-heads", "2", "--batch-size", "4", "--num-workers", "0", "--shuffle-buffer", "8",
+            "--num-heads", "2", "--global-batch-size", "4", "--num-workers", "0", "--shuffle-buffer", "8",
             "--max-steps", max_steps, "--checkpoint-every", "2", "--log-every", "1", "--ema-decay", "0.9",
-            "--cpu", "true", "--resume", "auto", *extra]
+            "--cpu", "--resume", "auto", *extra]
 
 
 @pytest.mark.slow

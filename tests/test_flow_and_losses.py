@@ -109,6 +109,23 @@ def test_velocity_and_reconstruction_losses_are_per_sample():
         losses.reconstruction_loss(a, b, "huber")
 
 
+def test_kl_term_per_pixel_does_not_depend_on_image_size():
+    """The same posterior statistics at 32² and 64² (the 64² latent tiles the 32² one 2×2) give the same KL term
+    under "pixels" (summed KL / 3·H·W, the SD/LDM balance); "sum" grows with the number of latent cells."""
+    from tokenizer.encoder import DiagonalGaussian
+
+    moments = torch.randn(2, 8, 8, 8)  # (B, 2·Z, h, w) for 32² images at f=4
+    small = DiagonalGaussian(moments).kl()
+    large = DiagonalGaussian(moments.repeat(1, 1, 2, 2)).kl()  # (B,) over 16×16 latents, same statistics
+    images_small, images_large = torch.zeros(2, 3, 32, 32), torch.zeros(2, 3, 64, 64)
+    torch.testing.assert_close(losses.kl_loss(small, images_small), losses.kl_loss(large, images_large))
+    torch.testing.assert_close(losses.kl_loss(small, images_small), small / (3 * 32 * 32))
+    torch.testing.assert_close(losses.kl_loss(large, images_large, "sum"), 4 * losses.kl_loss(small, images_small,
+                                                                                               "sum"))
+    with pytest.raises(ValueError, match="KL normalization"):
+        losses.kl_loss(small, images_small, "mean")
+
+
 def test_r1_penalty_matches_direct_autograd():
     conv = torch.nn.Conv2d(6, 1, 3, padding=1)
     time_weight = torch.nn.Parameter(torch.tensor(0.5))

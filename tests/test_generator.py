@@ -387,3 +387,19 @@ def test_tiny_dit_learns_with_epsilon_loss():
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.7 * losses[0]
+
+
+def test_unconditional_dit_ignores_labels_and_samples_without_classes():
+    from pipelines.kit.generation import generate_latents
+
+    model = DiT.from_name("DiT-S/2", input_size=8, in_channels=3, num_classes=0, depth=1, hidden_size=32,
+                          num_heads=2).eval()
+    assert model.config.unconditional and model.y_embedder.num_embeddings == 1
+    torch.nn.init.normal_(model.final_layer.linear.weight)  # a non-zero output, so labels could matter
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([10, 500])
+    with torch.no_grad():
+        assert torch.equal(model(x, t, torch.tensor([0, 0])), model(x, t, torch.tensor([5, 7])))
+    latents = generate_latents(model, torch.zeros(2, dtype=torch.long), 4, torch.Generator().manual_seed(0))
+    assert latents.shape == (2, 3, 8, 8) and torch.isfinite(latents).all()
+    with pytest.raises(ValueError, match="unconditional"):
+        generate_latents(model, torch.zeros(2, dtype=torch.long), 4, cfg_scale=2.0)

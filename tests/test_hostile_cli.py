@@ -98,23 +98,23 @@ def paths(tmp_path_factory) -> dict[str, Path]:
 
 
 TOKENIZER_BASE = ["--data", "offline", "--encoder", "tiny", "--decoder", "tiny", "--discriminator", "tiny",
-                  "--resolution", "32", "--batch-size", "4", "--perceptual", "none", "--perceptual-weight", "0",
-                  "--num-workers", "0", "--max-steps", "1", "--cpu", "true", "--output-dir", "{out}"]
+                  "--resolution", "32", "--global-batch-size", "4", "--perceptual", "none", "--perceptual-weight", "0",
+                  "--num-workers", "0", "--max-steps", "1", "--cpu", "--output-dir", "{out}"]
 CACHE_BASE = ["--data", "offline", "--resolution", "32", "--crops-per-class", "1", "--num-workers", "0",
-              "--cpu", "true", "--output-dir", "{out}"]
-GENERATOR_BASE = ["--model", "DiT-S/2", "--depth", "1", "--hidden-size", "32", "--num-heads", "2", "--batch-size",
-                  "4", "--num-workers", "0", "--max-steps", "1", "--cpu", "true", "--output-dir", "{out}"]
-SAMPLE_BASE = ["--per-class", "1", "--ddpm-steps", "2", "--decode-steps", "1", "--cpu", "true", "--out", "{out}"]
+              "--cpu", "--output-dir", "{out}"]
+GENERATOR_BASE = ["--model", "DiT-S/2", "--depth", "1", "--hidden-size", "32", "--num-heads", "2", "--global-batch-size",
+                  "4", "--num-workers", "0", "--max-steps", "1", "--cpu", "--output-dir", "{out}"]
+SAMPLE_BASE = ["--per-class", "1", "--ddpm-steps", "2", "--decode-steps", "1", "--cpu", "--output-dir", "{out}"]
 RECON_BASE = ["recon", "--data", "offline", "--resolution", "32", "--features", "effnet-l0", "--perceptual", "none",
-              "--num-images", "2", "--batch-size", "2", "--num-workers", "0", "--device", "cpu",
-              "--output", "{out}/recon.json"]
+              "--num-images", "2", "--per-process-batch-size", "2", "--num-workers", "0", "--cpu",
+              "--output-dir", "{out}"]
 
 # (id, script, argv, regex the one error line must match). "{name}" is replaced by the fixture path of that name.
 CASES = [
     # --- stage 1 -------------------------------------------------------------------------------------------
-    ("tok-type", "train_tokenizer", [*TOKENIZER_BASE, "--batch-size", "four"], r"batch.size.*four"),
+    ("tok-type", "train_tokenizer", [*TOKENIZER_BASE, "--global-batch-size", "four"], r"batch.size.*four"),
     ("tok-float-steps", "train_tokenizer", [*TOKENIZER_BASE, "--max-steps", "1.5"], r"max.steps.*1\.5"),
-    ("tok-zero-batch", "train_tokenizer", [*TOKENIZER_BASE, "--batch-size", "0"], r"batch_size must be >= 1"),
+    ("tok-zero-batch", "train_tokenizer", [*TOKENIZER_BASE, "--global-batch-size", "0"], r"batch_size must be >= 1"),
     ("tok-negative-lr", "train_tokenizer", [*TOKENIZER_BASE, "--lr", "-1"], r"lr must be >= 0"),
     ("tok-bool", "train_tokenizer", [*TOKENIZER_BASE, "--cpu", "maybe"], r"true/false"),
     ("tok-choice", "train_tokenizer", [*TOKENIZER_BASE, "--model-type", "gan"], r"invalid choice"),
@@ -142,16 +142,16 @@ CASES = [
     ("cache-garbage", "cache_latents", [*CACHE_BASE, "--tokenizer", "{garbage}"], r"config\.json"),
     ("cache-missing", "cache_latents", [*CACHE_BASE, "--tokenizer", "{missing}"], r"does-not-exist"),
     ("cache-file", "cache_latents", [*CACHE_BASE, "--tokenizer", "{file}"], r"a_file\.txt"),
-    ("cache-batch", "cache_latents", [*CACHE_BASE, "--tokenizer", "{tok}", "--batch-size", "-3"], r"batch_size"),
+    ("cache-batch", "cache_latents", [*CACHE_BASE, "--tokenizer", "{tok}", "--per-process-batch-size", "-3"], r"batch_size"),
     ("cache-type", "cache_latents", [*CACHE_BASE, "--tokenizer", "{tok}", "--samples-per-shard", "x"],
      r"samples.per.shard"),
     ("cache-resolution", "cache_latents", [*CACHE_BASE, "--tokenizer", "{tok}", "--resolution", "30"],
      r"divisible"),
     ("cache-missing-data", "cache_latents", [*CACHE_BASE, "--tokenizer", "{tok}", "--data", "{missing}"],
      r"does-not-exist"),
-    ("cache-verify-notcache", "cache_latents", ["--output-dir", "{notmodel}", "--verify", "true"],
+    ("cache-verify-notcache", "cache_latents", ["--output-dir", "{notmodel}", "--verify"],
      r"manifest\.json"),
-    ("cache-verify-missing", "cache_latents", ["--output-dir", "{missing}", "--verify", "true"], r"does-not-exist"),
+    ("cache-verify-missing", "cache_latents", ["--output-dir", "{missing}", "--verify"], r"does-not-exist"),
     # --- stage 2 -------------------------------------------------------------------------------------------
     ("gen-missing-shards", "train_generator", [*GENERATOR_BASE, "--shards", "{missing}"], r"does-not-exist"),
     ("gen-notmodel-shards", "train_generator", [*GENERATOR_BASE, "--shards", "{notmodel}"], r"manifest\.json"),
@@ -165,7 +165,7 @@ CASES = [
      r"meta\.json"),
     ("gen-unknown-model", "train_generator", [*GENERATOR_BASE, "--shards", "{shards}", "--model", "DiT-Q/3"],
      r"invalid choice"),
-    ("gen-zero-batch", "train_generator", [*GENERATOR_BASE, "--shards", "{shards}", "--batch-size", "0"],
+    ("gen-zero-batch", "train_generator", [*GENERATOR_BASE, "--shards", "{shards}", "--global-batch-size", "0"],
      r"batch_size must be >= 1"),
     ("gen-bad-policy", "train_generator", [*GENERATOR_BASE, "--shards", "{shards}", "--on-bad-shard", "ignore"],
      r"invalid choice"),
@@ -200,7 +200,7 @@ CASES = [
     ("sample-decode-steps", "sample",
      [*SAMPLE_BASE, "--generator", "{dit}", "--tokenizer", "{tok}", "--decode-steps", "0"], r"decode steps"),
     ("sample-out-is-file", "sample", [*SAMPLE_BASE, "--generator", "{dit}", "--tokenizer", "{tok}",
-                                      "--out", "{file}"], r"a_file\.txt"),
+                                      "--output-dir", "{file}"], r"a_file\.txt"),
     # --- evaluation ----------------------------------------------------------------------------------------
     ("recon-dit", "evaluate", [*RECON_BASE, "--tokenizer", "{dit}"], r"dit"),
     ("recon-pickle", "evaluate", [*RECON_BASE, "--tokenizer", "{pickled_tok}"], r"model\.safetensors"),
@@ -208,28 +208,28 @@ CASES = [
     ("recon-notmodel", "evaluate", [*RECON_BASE, "--tokenizer", "{notmodel}"], r"config\.json"),
     ("recon-decode-steps", "evaluate", [*RECON_BASE, "--tokenizer", "{tok}", "--decode-steps", "0"],
      r"decode steps"),
-    ("recon-type", "evaluate", [*RECON_BASE, "--tokenizer", "{tok}", "--batch-size", "abc"], r"batch.size"),
+    ("recon-type", "evaluate", [*RECON_BASE, "--tokenizer", "{tok}", "--per-process-batch-size", "abc"], r"batch.size"),
     ("recon-no-tokenizer", "evaluate", [*RECON_BASE], r"--tokenizer"),
     ("recon-missing-inception", "evaluate",
      [*RECON_BASE, "--tokenizer", "{tok}", "--features", "inception", "--inception-weights", "{missing}"],
      r"does-not-exist|weights|inception"),
     ("fid-missing-samples", "evaluate", ["fid", "--samples", "{missing}", "--reference", "offline", "--features",
-                                         "effnet-l0", "--output", "{out}/fid.json"], r"does-not-exist"),
+                                         "effnet-l0", "--output-dir", "{out}"], r"does-not-exist"),
     ("fid-empty-samples", "evaluate", ["fid", "--samples", "{notmodel}", "--reference", "offline", "--features",
-                                       "effnet-l0", "--output", "{out}/fid.json"], r"notmodel|image|PNG|png"),
+                                       "effnet-l0", "--output-dir", "{out}"], r"notmodel|image|PNG|png"),
     ("fid-pickled-reference", "evaluate", ["fid", "--samples", "{pngs}", "--reference", "{pickled_npz}",
-                                           "--features", "effnet-l0", "--num-workers", "0", "--device", "cpu",
-                                           "--output", "{out}/fid.json"], r"reference_stats\.npz"),
+                                           "--features", "effnet-l0", "--num-workers", "0", "--cpu",
+                                           "--output-dir", "{out}"], r"reference_stats\.npz"),
     ("pipeline-swapped", "evaluate", ["pipeline", "--generator", "{tok}", "--tokenizer", "{dit}", "--reference",
-                                      "offline", "--features", "effnet-l0", "--num", "2", "--out", "{out}/samples",
-                                      "--output", "{out}/pipeline.json"], r"tokenizer|dit"),
+                                      "offline", "--features", "effnet-l0", "--num", "2", "--output-dir", "{out}/samples"],
+     r"tokenizer|dit"),
     ("evaluate-no-command", "evaluate", [], r"command|required|recon"),
     # --- benchmark and demo --------------------------------------------------------------------------------
-    ("bench-batch", "benchmark", ["throughput", "--batch-size", "0", "--out", "{out}"], r"batch.size"),
-    ("bench-dit", "benchmark", ["throughput", "--dit", "DiT-Q/3", "--out", "{out}"], r"invalid choice"),
-    ("bench-precision", "benchmark", ["throughput", "--precision", "fp8", "--out", "{out}"], r"invalid choice"),
-    ("demo-profile", "demo", ["--profile", "huge", "--out", "{out}"], r"invalid choice"),
-    ("demo-out-is-file", "demo", ["--profile", "tiny", "--out", "{file}"], r"a_file\.txt"),
+    ("bench-batch", "benchmark", ["throughput", "--per-process-batch-size", "0", "--output-dir", "{out}"], r"batch.size"),
+    ("bench-dit", "benchmark", ["throughput", "--dit", "DiT-Q/3", "--output-dir", "{out}"], r"invalid choice"),
+    ("bench-precision", "benchmark", ["throughput", "--precision", "fp8", "--output-dir", "{out}"], r"invalid choice"),
+    ("demo-profile", "demo", ["--profile", "huge", "--output-dir", "{out}"], r"invalid choice"),
+    ("demo-out-is-file", "demo", ["--profile", "tiny", "--output-dir", "{file}"], r"a_file\.txt"),
 ]
 
 

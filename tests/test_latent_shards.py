@@ -71,8 +71,14 @@ def test_two_ranks_round_trip_and_exact_stats(tmp_path):
     per_channel = means.transpose(0, 1).flatten(1)  # (C, 24·h·w)
     torch.testing.assert_close(torch.tensor(manifest["latent_mean"], dtype=torch.float64), per_channel.mean(1))
     torch.testing.assert_close(
-        torch.tensor(manifest["latent_std"], dtype=torch.float64), per_channel.std(1, correction=0)
+        torch.tensor(manifest["latent_std_of_means"], dtype=torch.float64), per_channel.std(1, correction=0)
     )
+    # latent_std is the std of posterior samples μ + σ·ε: Var(μ) + E[σ²] (what the DiT trains on)
+    logvars = torch.stack([_moments(u)[k] for u in range(12) for k in ("logvar", "logvar_flip")]).double()
+    posterior_var = logvars.exp().transpose(0, 1).flatten(1).mean(1)  # (C,)
+    torch.testing.assert_close(torch.tensor(manifest["latent_std"], dtype=torch.float64),
+                               (per_channel.var(1, correction=0) + posterior_var).sqrt())
+    assert manifest["stats_source"].startswith("posterior samples")
 
     report = verify_shards(str(tmp_path))
     assert report.ok and report.num_samples == 12 and report.num_shards == 5 and not report.unlisted
@@ -110,6 +116,45 @@ def test_reader_normalises_and_samples_posterior(tmp_path):
     batch, labels = next(iter(loader))
     assert batch.shape == (4, *SHAPE) and labels.shape == (4,) and batch.dtype == torch.float32
     assert dataset.num_classes == 20
+
+
+def test_sampled_latents_have_unit_variance_under_the_manifest_stats(tmp_path):
+    """Normalised with the manifest, the reader's posterior samples have per-channel std ≈ 1 even when the
+    posterior variance is large (with the std of the means alone they would come out near sqrt(2) here)."""
+    channels = SHAPE[0]
+    with LatentShardWriter(str(tmp_path), rank_prefix(0), 1000) as writer:
+        for uid in range(200):
+            g = torch.Generator().manual_seed(uid)
+            mean, mean_flip = torch.randn(SHAPE, generator=g), torch.randn(SHAPE, generator=g)
+            logvar = torch.zeros(SHAPE)  # σ² = 1 = Var(μ)
+            writer.write(f"img{uid:05d}", 0, mean, logvar, mean_flip, logvar.clone())
+    manifest = _merge(tmp_path)
+    dataset = LatentShardDataset(str(tmp_path), resampled=False, shuffle_buffer=0, seed=3)
+    latents = torch.stack([latent for latent, _ in dataset])  # (N, C, h, w), normalised samples
+    std = latents.transpose(0, 1).flatten(1).std(1)
+    assert torch.allclose(std, torch.ones(channels), atol=0.08), std
+    ratio = torch.tensor(manifest["latent_std"]) / torch.tensor(manifest["latent_std_of_means"])
+    assert torch.all(ratio > 1.3)
+
+
+def test_manifests_with_stats_of_the_means_are_still_read(tmp_path):
+    """A manifest written before the stats came from posterior samples (std of the means, no
+    latent_std_of_means) is read as it is: the reader and the DiT config use its latent_std unchanged."""
+    from pipelines.train_generator import GeneratorTrainConfig, dit_config_from_manifest
+
+    _write_rank(tmp_path, 0, range(6))
+    manifest = _merge(tmp_path)
+    old_std = manifest.pop("latent_std_of_means")
+    manifest.update(latent_std=old_std, stats_source="float64 sums over posterior means of center crops and "
+                                                      "their flips")
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    shift = torch.tensor(manifest["latent_mean"]).view(-1, 1, 1)
+    plain = LatentShardDataset(str(tmp_path), resampled=False, flip=False, sample_posterior=False)
+    for latent, label in plain:
+        torch.testing.assert_close(latent, (_moments(label)["mean"] - shift) / torch.tensor(old_std).view(-1, 1, 1))
+    square = {**load_manifest(str(tmp_path)), "latent_shape": [4, 2, 2]}  # the DiT needs square latents
+    dit = dit_config_from_manifest(GeneratorTrainConfig.from_flat(model="DiT-S/2"), square)
+    assert dit.latent_std == pytest.approx(tuple(old_std))
 
 
 def test_verify_names_flipped_byte_and_truncated_shards(tmp_path):

@@ -24,6 +24,8 @@ def test_legacy_model_folders_load_and_run():
 
     tokenizer = load_tokenizer(LEGACY / "tok" / "model")
     assert isinstance(tokenizer, EpsVAE) and tokenizer.latent_channels == 2 and tokenizer.downsample == 2
+    # Trained with the summed KL before `kl_normalization` existed: fine-tuning it keeps that loss.
+    assert tokenizer.config.kl_normalization == "sum"
     dit = DiT.from_pretrained(LEGACY / "gen" / "model")
     assert dit.config.in_channels == 2 and dit.config.input_size == 4
     with torch.no_grad():
@@ -57,3 +59,13 @@ def test_legacy_generator_checkpoint_resumes(tmp_path):
     values.update(output_dir=str(run), shards=str(LEGACY / "lat"), max_steps=3, resume="auto")
     result = train_generator(GeneratorTrainConfig.from_dict(values))
     assert result.step == 3 and (result.model_dir / "model.safetensors").is_file()
+
+
+def test_resuming_with_other_settings_is_refused_in_one_line(tmp_path):
+    from pipelines.train_generator import GeneratorTrainConfig, train_generator
+
+    run = shutil.copytree(LEGACY / "gen", tmp_path / "gen")
+    values = _stored_config(run)
+    values.update(output_dir=str(run), shards=str(LEGACY / "lat"), max_steps=3, resume="auto", lr=3e-4)
+    with pytest.raises(ValueError, match=r"lr=0.0001 \(now 0.0003\)"):
+        train_generator(GeneratorTrainConfig.from_dict(values))

@@ -14,7 +14,7 @@ from support import reset_accelerate
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 SAMPLE_ARGS = ["--classes", "astronaut,2", "--per-class", "2", "--ddpm-steps", "5", "--decode-steps", "2",
-               "--seed", "3", "--batch-size", "3", "--cpu", "true"]
+               "--seed", "3", "--per-process-batch-size", "3", "--cpu"]
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,7 @@ def _pngs(folder: Path) -> dict[str, bytes]:
 def test_copied_folders_sample_identically_and_list_their_classes(trained, tmp_path, capsys):
     in_place = tmp_path / "in_place"
     _sample_cli(["--generator", trained / "generator" / "model", "--tokenizer", trained / "tokenizer" / "model",
-                 "--out", in_place, *SAMPLE_ARGS], capsys)
+                 "--output-dir", in_place, *SAMPLE_ARGS], capsys)
 
     elsewhere = tmp_path / "elsewhere"
     shutil.copytree(trained / "generator" / "model", elsewhere / "dit")
@@ -69,7 +69,7 @@ def test_copied_folders_sample_identically_and_list_their_classes(trained, tmp_p
     trained.rename(hidden)
     try:
         copied = tmp_path / "copied"
-        _sample_cli(["--generator", elsewhere / "dit", "--tokenizer", elsewhere / "tok", "--out", copied,
+        _sample_cli(["--generator", elsewhere / "dit", "--tokenizer", elsewhere / "tok", "--output-dir", copied,
                      *SAMPLE_ARGS], capsys)
         listing = _sample_cli(["--generator", elsewhere / "dit", "--class-names"], capsys)
 
@@ -122,3 +122,23 @@ def test_readme_python_snippet_runs(trained, tmp_path, capsys, monkeypatch):
     print("\n".join(out))  # shown with -s; the closing note pastes it
     assert out[0].startswith("['astronaut', 'chelsea'") and out[1].startswith("4 (32, 32) (4, 3, 32, 32)")
     assert os.path.getsize(workdir / "astronaut.png") > 0
+
+
+def test_unconditional_generator_trains_and_samples_without_classes(trained, tmp_path, capsys):
+    from pipelines import GenerationPipeline
+    from pipelines.train_generator import GeneratorTrainConfig, train_generator
+
+    result = train_generator(GeneratorTrainConfig.from_flat(
+        shards=str(trained / "latents"), output_dir=str(tmp_path / "uncond"), model="DiT-S/2", unconditional=True,
+        model_overrides={"depth": 1, "hidden_size": 32, "num_heads": 2}, batch_size=4, num_workers=0,
+        shuffle_buffer=8, max_steps=2, sample_every=1000, cpu=True))
+    reset_accelerate()
+    assert result.model.config.num_classes == 0 and result.model.config.class_names is None
+    _sample_cli(["--generator", result.model_dir, "--tokenizer", trained / "tokenizer" / "model", "--output-dir",
+                 tmp_path / "s", "--num", "3", "--ddpm-steps", "4", "--seed", "5", "--cpu"], capsys)
+    assert len(_pngs(tmp_path / "s")) == 3
+    with np.load(tmp_path / "s" / "samples.npz") as samples:
+        assert samples["arr_0"].shape == (3, 32, 32, 3)
+    pipe = GenerationPipeline.from_pretrained(result.model_dir, trained / "tokenizer" / "model", device="cpu")
+    images = pipe(None, num_images_per_class=3, generator=5, ddpm_steps=4, output_type="np")
+    assert np.array_equal(images, np.stack([np.asarray(Image.open(p)) for p in sorted((tmp_path / "s").glob("0*.png"))]))

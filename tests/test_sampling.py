@@ -66,14 +66,14 @@ def models(tmp_path_factory):
 
 
 def sample(models, out, *extra, generator="dit", tokenizer="eps"):
-    argv = ["--generator", str(models / generator), "--tokenizer", str(models / tokenizer), "--out", str(out),
+    argv = ["--generator", str(models / generator), "--tokenizer", str(models / tokenizer), "--output-dir", str(out),
             *FAST, *extra]
     return run_main(load_script().main, argv)
 
 
 def test_sample_cli_writes_pngs_grid_and_adm_npz(models, tmp_path):
     out = tmp_path / "out"
-    assert sample(models, out, "--classes", "0,2", "--per-class", "3", "--seed", "10", "--batch-size", "4") == 0
+    assert sample(models, out, "--classes", "0,2", "--per-class", "3", "--seed", "10", "--per-process-batch-size", "4") == 0
     names = sorted(p.name for p in out.glob("0*.png"))
     assert names == ["000000_c0_s10.png", "000001_c0_s11.png", "000002_c0_s12.png",
                      "000003_c2_s13.png", "000004_c2_s14.png", "000005_c2_s15.png"]
@@ -92,8 +92,8 @@ def test_sample_cli_writes_pngs_grid_and_adm_npz(models, tmp_path):
 
 def test_same_seeds_give_identical_images_for_any_batch_size(models, tmp_path):
     common = ["--classes", "all", "--num", "5", "--seeds", "3,7,20-22"]
-    assert sample(models, tmp_path / "b1", *common, "--batch-size", "1") == 0
-    assert sample(models, tmp_path / "b3", *common, "--batch-size", "3") == 0
+    assert sample(models, tmp_path / "b1", *common, "--per-process-batch-size", "1") == 0
+    assert sample(models, tmp_path / "b3", *common, "--per-process-batch-size", "3") == 0
     a, b = np.load(tmp_path / "b1" / "samples.npz")["arr_0"], np.load(tmp_path / "b3" / "samples.npz")["arr_0"]
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a[0], a[1])  # different seeds, different images
@@ -130,7 +130,7 @@ def test_rank_split_covers_every_index_once(models, tmp_path):
 
 def test_resume_skips_complete_images_and_redoes_partial_ones(models, tmp_path):
     out = tmp_path / "out"
-    config = SampleConfig(generator=str(models / "dit"), tokenizer=str(models / "eps"), out=str(out), num=4,
+    config = SampleConfig(generator=str(models / "dit"), tokenizer=str(models / "eps"), output_dir=str(out), num=4,
                           ddpm_steps=8, decode_steps=2, batch_size=2)
     first = run_sampling(config)
     assert first.generated == 4 and first.skipped == 0
@@ -304,7 +304,7 @@ def test_bad_input_is_one_line_and_exit_2(models, tmp_path, capsys, case, needle
         blocker = tmp_path / "a-file"
         blocker.write_text("")
         out = blocker / "out"  # a directory below a regular file cannot be created, even as root
-    argv = ["--generator", str(generator), "--tokenizer", str(tokenizer), "--out", str(out),
+    argv = ["--generator", str(generator), "--tokenizer", str(tokenizer), "--output-dir", str(out),
             "--ddpm-steps", "2", *extra]
     try:
         code = run_main(load_script().main, argv)
@@ -318,7 +318,7 @@ def test_bad_input_is_one_line_and_exit_2(models, tmp_path, capsys, case, needle
 def test_real_subprocess_gives_one_line_without_traceback(models, tmp_path):
     result = subprocess.run(
         [sys.executable, str(SCRIPT), "--generator", str(models / "dit"), "--tokenizer", str(models / "eps"),
-         "--classes", "5", "--out", str(tmp_path / "out")],
+         "--classes", "5", "--output-dir", str(tmp_path / "out")],
         capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
@@ -351,7 +351,7 @@ def test_rerun_with_other_settings_refuses_and_writes_nothing(models, tmp_path, 
 def test_overwrite_regenerates_with_the_new_settings(models, tmp_path, capsys):
     out = _stale_folder(models, tmp_path, capsys)
     (out / "notes.txt").write_text("mine")  # not written by the tool: kept
-    assert sample(models, out, "--num", "4", "--decode-steps", "1", "--overwrite", "true") == 0
+    assert sample(models, out, "--num", "4", "--decode-steps", "1", "--overwrite") == 0
     assert sample(models, tmp_path / "fresh", "--num", "4", "--decode-steps", "1") == 0
     pngs = sorted(p.name for p in out.glob("0*.png"))
     assert pngs == sorted(p.name for p in (tmp_path / "fresh").glob("0*.png")) and len(pngs) == 4
@@ -367,7 +367,7 @@ def test_identical_rerun_resumes_even_from_copied_model_folders(models, tmp_path
 
     out = _stale_folder(models, tmp_path, capsys)
     pngs = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.glob("0*.png")}
-    assert sample(models, out, "--num", "4", "--decode-steps", "3", "--batch-size", "3") == 0  # batch size: no setting
+    assert sample(models, out, "--num", "4", "--decode-steps", "3", "--per-process-batch-size", "3") == 0  # batch size: no setting
     assert "0 new on this rank, 4 already there" in capsys.readouterr().out
     elsewhere = tmp_path / "copied"
     for name in ("dit", "eps"):
@@ -399,6 +399,6 @@ def test_old_samples_without_settings_refuse_unless_overwrite(models, tmp_path, 
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "no settings.json" in err and "--overwrite" in err, err
     assert _snapshot(out) == before
-    assert sample(models, out, "--num", "4", "--decode-steps", "3", "--overwrite", "true") == 0
+    assert sample(models, out, "--num", "4", "--decode-steps", "3", "--overwrite") == 0
     assert "4 new on this rank, 0 already there" in capsys.readouterr().out
     assert (out / "settings.json").is_file()

@@ -129,14 +129,83 @@ def test_cache_stores_center_crop_and_flip_moments_and_a_complete_manifest(token
         torch.testing.assert_close(entry["moments"]["mean_flip"], flipped.mean[index], atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(entry["moments"]["logvar_flip"], flipped.logvar[index], atol=1e-5, rtol=1e-4)
 
-    # Per-channel stats over the means of crops and flips, recomputed in float64.
+    # Per-channel stats of posterior samples of crops and flips, recomputed in float64: mean of the means,
+    # variance = Var(mean) + E[σ²] (what the DiT trains on).
     both = torch.cat([plain.mean, flipped.mean]).double()  # (2N, C, h, w)
+    variances = torch.cat([plain.logvar, flipped.logvar]).double().exp()  # (2N, C, h, w)
     expected_mean = both.mean(dim=(0, 2, 3))
-    expected_std = both.transpose(0, 1).flatten(1).std(dim=1, unbiased=False)
+    expected_std = (both.transpose(0, 1).flatten(1).var(dim=1, unbiased=False) + variances.mean(dim=(0, 2, 3))).sqrt()
     torch.testing.assert_close(torch.tensor(manifest["latent_mean"], dtype=torch.float64), expected_mean,
                                atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(torch.tensor(manifest["latent_std"], dtype=torch.float64), expected_std,
                                atol=1e-5, rtol=1e-4)
+    assert manifest["stats_source"].startswith("posterior samples")
+    assert manifest["source"]["crop"] == "center" and manifest["source"]["crops_per_image"] == 1
+
+
+def test_random_crops_are_seeded_per_image_resumable_and_pinned(tokenizer_dir, latent_dir, tmp_path):
+    """--crop random: crops_per_image seeded crops per image (with their flips), the same whatever the batch
+    size; a lost shard is redone identically; cache_info refuses a rerun with another crop mode or seed."""
+    from data.transforms import CacheCrops
+    from pipelines.cache_latents import _pil_from_pm1
+
+    config = _cache_config(tokenizer_dir, tmp_path / "random", crop="random", crops_per_image=2, seed=5)
+    manifest = cache_latents(config).manifest
+    dataset = _dataset()
+    assert manifest["num_samples"] == 2 * len(dataset)
+    assert manifest["source"]["crop"] == "random" and manifest["source"]["crops_per_image"] == 2
+    assert manifest["source"]["crop_seed"] == 5
+    info = json.loads((tmp_path / "random" / "cache_info.json").read_text())
+    assert (info["crop"], info["crops_per_image"], info["crop_seed"]) == ("random", 2, 5)
+    seen = {}
+    for shard in manifest["shards"]:
+        seen.update(_read_shard(tmp_path / "random" / shard["name"]))
+    assert sorted(seen) == sorted(f"{sample_key(i)}_c{j}" for i in range(len(dataset)) for j in range(2))
+
+    # Crop j of image i is CacheCrops' seeded crop of that image: re-encode two of them directly.
+    crops, tokenizer = CacheCrops(RESOLUTION, "random", 2, seed=5), load_tokenizer(tokenizer_dir).eval()
+    base = sample_key(7)
+    pil = _pil_from_pm1(dataset[7][0])
+    images = torch.stack([crops(pil, base, 0), crops(pil, base, 1)])
+    assert not torch.equal(images[0], images[1])
+    with torch.no_grad():
+        posterior = tokenizer.encode_posterior(images)
+    for j in range(2):
+        torch.testing.assert_close(seen[f"{base}_c{j}"]["moments"]["mean"], posterior.mean[j], atol=1e-5, rtol=1e-4)
+
+    # Another batch size gives the same crops; a lost shard is redone with the same contents.
+    reset_accelerate()
+    other = cache_latents(_cache_config(tokenizer_dir, tmp_path / "random_b3", crop="random", crops_per_image=2,
+                                        seed=5, batch_size=3)).manifest
+    torch.testing.assert_close(torch.tensor(other["latent_std"]), torch.tensor(manifest["latent_std"]))
+    lost = tmp_path / "random" / manifest["shards"][1]["name"]
+    lost.unlink()
+    Path(str(lost) + ".json").unlink()
+    reset_accelerate()
+    redone = cache_latents(config)
+    assert redone.encoded == 10 and redone.manifest["num_samples"] == manifest["num_samples"]
+    torch.testing.assert_close(torch.tensor(redone.manifest["latent_std"]), torch.tensor(manifest["latent_std"]))
+
+    # The crop settings are pinned in cache_info.json, also for a cache made before they existed.
+    for changes, name in (({"crop": "center", "crops_per_image": 1}, "crop"), ({"seed": 6}, "crop_seed")):
+        reset_accelerate()
+        with pytest.raises(ValueError, match=name):
+            cache_latents(dataclasses.replace(config, **changes))
+    legacy = tmp_path / "legacy"
+    shutil.copytree(latent_dir, legacy)
+    info = json.loads((legacy / "cache_info.json").read_text())
+    for key in ("crop", "crops_per_image", "crop_seed"):
+        info.pop(key)
+    (legacy / "cache_info.json").write_text(json.dumps(info))
+    reset_accelerate()
+    assert cache_latents(_cache_config(tokenizer_dir, legacy)).encoded == 0  # center crops: accepted
+    reset_accelerate()
+    with pytest.raises(ValueError, match="crop"):
+        cache_latents(_cache_config(tokenizer_dir, legacy, crop="random", crops_per_image=2))
+    with pytest.raises(ValueError, match="crop='random'"):
+        CacheLatentsConfig(tokenizer="x", crops_per_image=2)
+    with pytest.raises(ValueError, match="crop must be"):
+        CacheLatentsConfig(tokenizer="x", crop="five")
 
 
 def test_rerun_skips_complete_shards_and_redoes_only_missing_ones(tokenizer_dir, latent_dir, tmp_path):
@@ -181,13 +250,13 @@ def _run_script(script: str, *args: str) -> subprocess.CompletedProcess:
 def test_verify_names_the_damaged_shard_and_exits_2(latent_dir, tmp_path):
     work = tmp_path / "latents"
     shutil.copytree(latent_dir, work)
-    ok = _run_script("cache_latents.py", "--output-dir", str(work), "--verify", "true")
+    ok = _run_script("cache_latents.py", "--output-dir", str(work), "--verify")
     assert ok.returncode == 0, ok.stderr
     shard = work / "rank00000-000001.tar"
     data = bytearray(shard.read_bytes())
     data[700] ^= 0xFF  # inside the first member's payload
     shard.write_bytes(bytes(data))
-    bad = _run_script("cache_latents.py", "--output-dir", str(work), "--verify", "true")
+    bad = _run_script("cache_latents.py", "--output-dir", str(work), "--verify")
     assert bad.returncode == 2
     assert bad.stderr.count("\n") == 1 and "rank00000-000001.tar" in bad.stderr and "sha256" in bad.stderr
 
@@ -195,7 +264,7 @@ def test_verify_names_the_damaged_shard_and_exits_2(latent_dir, tmp_path):
 def test_cli_bad_tokenizer_dir_and_missing_shards_dir_exit_2(tmp_path):
     missing = str(tmp_path / "nope")
     result = _run_script("cache_latents.py", "--tokenizer", missing, "--output-dir", str(tmp_path / "out"),
-                         "--cpu", "true")
+                         "--cpu")
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and missing in result.stderr
     result = _run_script("train_generator.py", "--shards", missing, "--output-dir", str(tmp_path / "run"))
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and missing in result.stderr
@@ -299,9 +368,9 @@ def _launch_two(*args: str) -> None:
 def test_two_process_cache_writes_disjoint_shards_and_merges_the_same_stats(tokenizer_dir, latent_dir, tmp_path):
     out = tmp_path / "latents2"
     _launch_two("scripts/cache_latents.py", "--tokenizer", str(tokenizer_dir), "--data", "offline",
-                "--resolution", str(RESOLUTION), "--crops-per-class", str(CROPS_PER_CLASS), "--batch-size", "5",
-                "--num-workers", "0", "--samples-per-shard", "10", "--output-dir", str(out), "--cpu", "true",
-                "--verify", "true")
+                "--resolution", str(RESOLUTION), "--crops-per-class", str(CROPS_PER_CLASS), "--per-process-batch-size", "5",
+                "--num-workers", "0", "--samples-per-shard", "10", "--output-dir", str(out), "--cpu",
+                "--verify")
     manifest, single = load_manifest(str(out)), load_manifest(str(latent_dir))
     names = [s["name"] for s in manifest["shards"]]
     by_rank = [{n for n in names if n.startswith(f"rank0000{r}-")} for r in (0, 1)]

@@ -199,7 +199,8 @@ def test_micro_study_writes_every_artifact(study, tmp_path):
         (group,) = written["summary"]["groups"]
         assert group["relative_improvement"] == pytest.approx(
             (group["vae_rfd"] - group["eps_rfd"]) / group["vae_rfd"])
-        assert "Δ rFD (rel.)" in markdown and len(_table_rows(markdown.split("## All")[0])) == 3
+        # The groups table (header + VAE + ε-VAE) and the gap at each ε-VAE NFE (header + NFE 1 and 2).
+        assert "Δ rFD (rel.)" in markdown and len(_table_rows(markdown.split("## All")[0])) == 3 + 3
     if study == "ladder":
         rows = written["summary"]["rows"]
         assert [r["row"] for r in rows] == ["baseline", "g"]
@@ -253,8 +254,9 @@ def test_arguments_and_dispatch(monkeypatch):
     import benchmark  # scripts/benchmark.py (conftest puts scripts/ on sys.path)
 
     parser = benchmark.build_parser()
-    args = parser.parse_args(["tokenizer", "--study", "ladder", "--profile", "micro", "--out", "/tmp/x"])
-    assert (args.study, args.profile, args.out, args.data) == ("ladder", "micro", "/tmp/x", "offline")
+    args = parser.parse_args(["tokenizer", "--study", "ladder", "--profile", "micro", "--output-dir", "/tmp/x"])
+    assert (args.study, args.profile, args.output_dir, args.data) == ("ladder", "micro", "/tmp/x", "offline")
+    assert parser.parse_args(["tokenizer", "--study", "ladder", "--out", "/tmp/y"]).output_dir == "/tmp/y"  # old name
     with pytest.raises(SystemExit):
         parser.parse_args(["tokenizer", "--study", "nope"])
     calls = []
@@ -280,3 +282,22 @@ def test_profile_preconditioning_reaches_velocity_rows_only():
     assert all(config["preconditioning"] == "skip" for name, config in ladder.items() if name != "row-baseline")
     full_eps = [run for run in studies.vae_vs_eps_runs(studies.PROFILES["full"]) if run.model_type == "eps_vae"]
     assert full_eps and all(run.model_config["preconditioning"] == "none" for run in full_eps)  # the paper
+
+
+def test_settled_needs_less_than_the_tolerance_over_the_last_quarter():
+    history = [{"step": s, "rfd": r} for s, r in ((250, 200.0), (500, 160.0), (750, 150.0), (1000, 146.0))]
+    assert studies.settled(history, 0.05)  # 750 → 1000: 150 → 146 (2.7%)
+    assert not studies.settled(history[:3], 0.05)  # fewer than four scores
+    history[-1]["rfd"] = 140.0
+    assert not studies.settled(history, 0.05)  # 150 → 140 (6.7%)
+
+
+def test_convergence_profile_trains_in_segments_and_records_the_curve(tmp_path):
+    profile = dataclasses.replace(MICRO, train_steps=3, convergence_every=1, convergence_tolerance=0.5)
+    report = studies.run_study("vae-vs-eps", profile, tmp_path)
+    for result in report["runs"]:
+        history = result["training"]["history"]
+        assert [h["step"] for h in history] == [1, 2, 3] and result["training"]["steps"] == 3
+        assert all(h["rfd"] > 0 for h in history)
+    assert (tmp_path / "vae-vs-eps" / "rfd_vs_steps.png").is_file()
+    assert "settled" in (tmp_path / "vae-vs-eps" / "results.md").read_text()

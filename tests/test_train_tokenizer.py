@@ -117,6 +117,51 @@ def test_resume_equals_uninterrupted_run(tmp_path):
         assert torch.equal(state["exp_avg"], opt_b["state"][key]["exp_avg"])
 
 
+def test_defaults_follow_the_paper_and_new_models_use_the_per_pixel_kl():
+    from pipelines.train_generator import GeneratorTrainConfig
+    from tokenizer import EpsVAEConfig, VAEConfig
+
+    assert TokenizerTrainConfig().optim.grad_clip is None  # C.2 names no clipping; the flag still sets one
+    assert TokenizerTrainConfig.from_flat(grad_clip=1.0).optim.grad_clip == 1.0
+    assert GeneratorTrainConfig().optim.grad_clip is None and GeneratorTrainConfig().optim.max_steps == 1_000_000
+    assert EpsVAEConfig().kl_normalization == "pixels" and VAEConfig().kl_normalization == "pixels"
+    # A saved config without the field is a model trained with the summed KL.
+    legacy = {k: v for k, v in EpsVAEConfig().to_dict().items() if k != "kl_normalization"}
+    assert EpsVAEConfig.from_dict(legacy).kl_normalization == "sum"
+    assert EpsVAEConfig.from_dict(EpsVAEConfig().to_dict()).kl_normalization == "pixels"
+    with pytest.raises(ValueError, match="kl_normalization"):
+        EpsVAEConfig(kl_normalization="mean")
+
+
+@pytest.mark.parametrize("normalization", ["pixels", "sum"])
+def test_training_step_kl_term_follows_the_models_normalization(tmp_path, normalization):
+    config = tiny_config(tmp_path, model_overrides={"kl_normalization": normalization})
+    tokenizer = build_tokenizer(config)
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    t = sample_training_time(tokenizer, 2, images.device)
+    out = TokenizerTrainingStep(tokenizer)(images, torch.randn_like(images), t)
+    summed = tokenizer.encode_posterior(images).kl()
+    torch.testing.assert_close(out.kl, summed / (3 * 32 * 32) if normalization == "pixels" else summed)
+
+
+def test_discriminator_warmup_counts_from_disc_start(tmp_path):
+    """D's learning rate ramps from its first update at disc_start (1/warmup there), and the ramp resumes."""
+    def disc_lr(run: Path, step: int) -> float:
+        path = run / "checkpoints" / f"step_{step:09d}" / "optimizer_discriminator.pt"
+        return torch.load(path, weights_only=True)["param_groups"][0]["lr"]
+
+    config = tiny_config(tmp_path, max_steps=3, disc_start=2, warmup_steps=4, disc_lr=1e-3,
+                         adversarial_weight=0.5)
+    train_tokenizer(config)
+    run = Path(config.run.output_dir)
+    # The lr a checkpoint holds is the one the next update (step k) uses: 0 before disc_start, then k-2+1 / 4.
+    assert disc_lr(run, 1) == 0.0
+    assert disc_lr(run, 2) == pytest.approx(1e-3 / 4) and disc_lr(run, 3) == pytest.approx(2e-3 / 4)
+    train_tokenizer(tiny_config(tmp_path, max_steps=4, disc_start=2, warmup_steps=4, disc_lr=1e-3,
+                                adversarial_weight=0.5, resume="auto"))
+    assert disc_lr(run, 4) == pytest.approx(3e-3 / 4)
+
+
 def test_channels_last_trains_the_same_model_and_resumes(tmp_path):
     standard = tiny_config(tmp_path / "a", max_steps=2, adversarial_weight=0.5)
     train_tokenizer(standard)

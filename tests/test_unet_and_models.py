@@ -114,6 +114,14 @@ def test_no_decoder_preset_has_single_channel_groups(size):
     assert norms and all(m.num_channels // m.num_groups >= 2 for m in norms)
 
 
+def test_group_norm_eps_is_each_familys_reference_value():
+    """ADM's GroupNorm32 uses PyTorch's eps 1e-5; latent-diffusion's encoder Normalize uses 1e-6."""
+    model = _tiny_eps_vae()
+    decoder_eps = {m.eps for m in model.decoder.modules() if isinstance(m, torch.nn.GroupNorm)}
+    encoder_eps = {m.eps for m in model.encoder.modules() if isinstance(m, torch.nn.GroupNorm)}
+    assert decoder_eps == {1e-5} and encoder_eps == {1e-6}
+
+
 def test_unet_rejects_sizes_that_do_not_divide():
     decoder = ADMUNet(ADM_PRESETS["tiny"], cond_channels=4)
     with pytest.raises(ValueError, match="multiple of 4"):

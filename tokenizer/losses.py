@@ -30,6 +30,26 @@ def reconstruction_loss(reconstruction: torch.Tensor, target: torch.Tensor, kind
     raise ValueError(f"unknown reconstruction loss {kind!r}; choose 'l1' or 'l2'")
 
 
+KL_NORMALIZATIONS = ("pixels", "sum")
+
+
+def kl_loss(kl_sum: torch.Tensor, images: torch.Tensor, normalization: str = "pixels") -> torch.Tensor:
+    """The KL term of Eq. 1 from the posterior's KL summed over latent dims (B,), on the score loss's scale: (B,).
+
+    "pixels": divided by the number of image values 3·H·W. The SD/LDM recipe that kl_weight = 1e-6 comes from
+    (latent-diffusion's LPIPSWithDiscriminator) *sums* its reconstruction term over the 3·H·W image values and
+    adds 1e-6·ΣKL; our score/reconstruction losses are *means* over those values, so dividing that whole loss
+    by 3·H·W gives mean_rec + 1e-6·ΣKL/(3·H·W): the same balance, and a KL strength that does not depend on the
+    image size. "sum": the summed KL as it is (models trained before this convention): 3·H·W times stronger
+    than the LDM recipe (≈4.9·10⁴ at 128², ≈2·10⁵ at 256²) and growing with the resolution.
+    """
+    if normalization == "pixels":
+        return kl_sum / images[0].numel()
+    if normalization == "sum":
+        return kl_sum
+    raise ValueError(f"unknown KL normalization {normalization!r}; choose from {KL_NORMALIZATIONS}")
+
+
 def trajectory_pair(x_start: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
     """Discriminator input for trajectory matching (Eq. 11-12): the start point next to x_t, (B, 6, H, W)."""
     return torch.cat([x_start, x_t], dim=1)

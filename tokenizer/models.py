@@ -26,6 +26,7 @@ from tokenizer.encoder import (ENCODER_PRESETS, DiagonalGaussian, EncoderConfig,
                                multipliers_for_downsample)
 from tokenizer.unet import ADM_PRESETS, CONDITIONING_MODES, ADMConfig, build_adm_unet
 from tokenizer.image_io import image_batch
+from tokenizer.losses import KL_NORMALIZATIONS
 from tokenizer.objectives import DEFAULT_DECODE_STEPS, OBJECTIVES, Generators
 from tokenizer.tiling import tiled_decode
 from tokenizer.vae_decoder import VAE_DECODER_PRESETS, VAEDecoderConfig, build_vae_decoder
@@ -37,6 +38,12 @@ PARAMETERIZATIONS = ("velocity", "epsilon")  # the ε-VAE objectives of tokenize
 def _check_choice(name: str, value, choices) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+
+
+def _config_from_saved(config_cls, d: dict):
+    """A config from its saved dict. A folder written before `kl_normalization` existed trained with the summed
+    KL, so a missing key reads as "sum": fine-tuning an old model (`--init-from`) keeps its loss unchanged."""
+    return config_cls(**{"kl_normalization": "sum", **d})
 
 
 def _check_latent_stats(config) -> None:
@@ -72,6 +79,9 @@ class EpsVAEConfig:
     preconditioning: str = "none"
     ddpm_num_steps: int = 1000  # epsilon parameterisation only: T of the linear-β DDPM
     kl_weight: float = 1e-6
+    # How the summed posterior KL is scaled before kl_weight (`losses.kl_loss`): "pixels" divides by 3·H·W, the
+    # SD/LDM balance at any image size; "sum" is the convention of folders saved before this field existed.
+    kl_normalization: str = "pixels"
     encoder_preset: str | None = None  # names the configs came from, for reference only
     decoder_preset: str | None = None
     # Per-channel mean/std of the latents, measured by scripts/cache_latents.py over the data it encoded (the
@@ -90,6 +100,7 @@ class EpsVAEConfig:
         _check_choice("time_sampling", self.time_sampling, flow.TIME_DISTRIBUTIONS)
         _check_choice("time_spacing", self.time_spacing, flow.TIME_SPACINGS)
         _check_choice("preconditioning", self.preconditioning, flow.PRECONDITIONINGS)
+        _check_choice("kl_normalization", self.kl_normalization, KL_NORMALIZATIONS)
         if self.preconditioning != "none" and self.parameterization != "velocity":
             raise ValueError("preconditioning applies to the velocity parameterisation only")
         if not self.gamma > 0 or not self.data_std > 0:
@@ -104,7 +115,7 @@ class EpsVAEConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "EpsVAEConfig":
-        return cls(**d)
+        return _config_from_saved(cls, d)
 
 
 @dataclass(frozen=True)
@@ -114,6 +125,7 @@ class VAEConfig:
     encoder: EncoderConfig = ENCODER_PRESETS["lite"]
     decoder: VAEDecoderConfig = VAE_DECODER_PRESETS["B"]
     kl_weight: float = 1e-6
+    kl_normalization: str = "pixels"  # as in EpsVAEConfig
     encoder_preset: str | None = None
     decoder_preset: str | None = None
     latent_mean: tuple[float, ...] | None = None  # as in EpsVAEConfig
@@ -126,6 +138,7 @@ class VAEConfig:
             object.__setattr__(self, "decoder", VAEDecoderConfig.from_dict(self.decoder))
         if self.kl_weight < 0:
             raise ValueError(f"kl_weight must be >= 0, got {self.kl_weight}")
+        _check_choice("kl_normalization", self.kl_normalization, KL_NORMALIZATIONS)
         _check_latent_stats(self)
 
     def to_dict(self) -> dict:
@@ -133,7 +146,7 @@ class VAEConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "VAEConfig":
-        return cls(**d)
+        return _config_from_saved(cls, d)
 
 
 def _preset_encoder(name: str, latent_channels: int | None, downsample: int | None,

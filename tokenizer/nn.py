@@ -32,6 +32,9 @@ def group_norm(channels: int, groups: int = 32, eps: float = 1e-6) -> nn.GroupNo
     to the dataset mean (measured on the demo: colour correlation 0.38 -> 0.96, PSNR 13.3 -> 18.6 dB).
     Widths of 64+ channels (every paper preset) are unchanged, and GroupNorm's parameters do not depend
     on the group count, so checkpoints load either way.
+
+    `eps` keeps each family's reference value: 1e-6 (latent-diffusion's Normalize, used by the SD-family encoder,
+    the baseline VAE decoder and the discriminator), 1e-5 for the ADM U-Net (`tokenizer.unet.ADM_NORM_EPS`).
     """
     if channels < 2 * groups:
         groups = max(1, channels // MIN_CHANNELS_PER_GROUP_BELOW_REFERENCE)

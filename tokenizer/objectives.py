@@ -33,7 +33,8 @@ class TrainingOutputs:
     """The generator side of one training step (Eq. 1, 9-12); every tensor is per sample.
 
     x_hat: (B, 3, H, W) x̂0 from one network evaluation (the VAE's reconstruction), unclamped so gradients flow;
-    it feeds the perceptual loss and the discriminator. kl: (B,) KL of the posterior. prediction / target:
+    it feeds the perceptual loss and the discriminator. kl: (B,) KL term of the posterior, normalised as the
+    model's `kl_normalization` says (`losses.kl_loss`). prediction / target:
     the regression pair of the objective (None for the VAE, whose loss compares x_hat with the images).
     x_t: (B, 3, H, W) the noisy input as the network sees it, paired with x0 / x̂0 for the trajectory
     discriminator (Eq. 12); None when the discriminator is unconditional.

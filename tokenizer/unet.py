@@ -28,6 +28,11 @@ from torch.utils.checkpoint import checkpoint
 
 from tokenizer.nn import group_norm, timestep_embedding, zero_module
 
+# ADM's normalization() is GroupNorm32(32, channels) with PyTorch's default eps 1e-5; the SD-family encoder and
+# the baseline VAE decoder keep latent-diffusion's 1e-6 (tokenizer.nn.group_norm's default). eps is not a
+# weight, so folders trained with 1e-6 still load; their outputs move by ~1e-5 relative at most.
+ADM_NORM_EPS = 1e-5
+
 CONDITIONING_MODES = ("concat", "adagn")
 TIME_SCALE = 1000.0  # continuous t in [0, 1] is embedded as 1000·t, the range of discrete DDPM steps
 
@@ -106,11 +111,11 @@ class ResBlock(nn.Module):
         if resample not in (None, "up", "down"):
             raise ValueError(f"resample must be None, 'up' or 'down', got {resample!r}")
         self.resample = resample
-        self.norm_in = group_norm(in_channels)
+        self.norm_in = group_norm(in_channels, eps=ADM_NORM_EPS)
         self.conv_in = nn.Conv2d(in_channels, out_channels, 3, padding=1)
         self.time_proj = nn.Linear(embed_dim, 2 * out_channels)  # time -> (scale, shift)
         self.cond_proj = nn.Conv2d(adagn_channels, 2 * out_channels, 1) if adagn_channels else None
-        self.norm_out = group_norm(out_channels)
+        self.norm_out = group_norm(out_channels, eps=ADM_NORM_EPS)
         self.dropout = nn.Dropout(dropout)
         self.conv_out = nn.Conv2d(out_channels, out_channels, 3, padding=1)  # zero-initialised
         self.skip = nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1)
@@ -145,7 +150,7 @@ class AttentionBlock(nn.Module):
         self.num_heads = max(1, channels // head_channels)
         if channels % self.num_heads:
             raise ValueError(f"{channels} channels do not split into {self.num_heads} heads")
-        self.norm = group_norm(channels)
+        self.norm = group_norm(channels, eps=ADM_NORM_EPS)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj_out = nn.Conv2d(channels, channels, 1)  # zero-initialised
 
@@ -228,7 +233,7 @@ class ADMUNet(nn.Module):
                     ratio //= 2
                 self.up.append(Stage(blocks))
 
-        self.norm_out = group_norm(channels)
+        self.norm_out = group_norm(channels, eps=ADM_NORM_EPS)
         self.conv_out = nn.Conv2d(channels, config.out_channels, 3, padding=1)  # zero-initialised
         self.initialize_weights()
 

@@ -1,5 +1,7 @@
 """Throughput of the generation pipeline (paper Table 3): images/s of DiT (250 DDPM steps) + decoding, for 8× and
-16× compression, with the ε-VAE diffusion decoder and with the baseline VAE, in fp32 and bf16 autocast.
+16× compression, with the ε-VAE diffusion decoder and with the baseline VAE, in the precisions asked for
+(default `auto`: bf16 autocast on a bf16 GPU, fp32 on a CPU, where emulated bf16 crawls). One line is
+printed per measurement as it is taken.
 
 Each component is timed on its own at the given batch size: one DiT forward step, ε-VAE decoding at 1/2/3 Euler
 steps (the VAE decodes in one pass), and encoding. The whole-pipeline figure is composed from them:
@@ -30,7 +32,7 @@ from typing import Any, Callable
 
 import torch
 
-from pipelines.kit.precision import PRECISIONS, autocast, autocast_dtype, pick_device
+from pipelines.kit.precision import PRECISIONS, autocast, autocast_dtype, pick_device, resolve_precision
 from pipelines.kit.reconstruction import synchronize
 from tokenizer import DEFAULT_DECODE_STEPS
 from tokenizer.nn import count_parameters
@@ -43,23 +45,24 @@ QUICK_DIT = dict(hidden_size=64, depth=2, num_heads=2)
 
 @dataclass(frozen=True)
 class ThroughputConfig:
-    dit: str = "DiT-XL/2"
-    batch_size: int = 1
-    precisions: tuple[str, ...] = ("fp32", "bf16")
-    compressions: tuple[str, ...] = ("8x", "16x")
-    tokenizers: tuple[str, ...] = TOKENIZER_KINDS
+    dit: str = "DiT-XL/2"  # DiT size (generator.DiT_models), randomly initialised
+    batch_size: int = 1  # images per timed call (one process)
+    precisions: tuple[str, ...] = ("auto",)  # autocast precisions to time; auto = this device's fast one
+    compressions: tuple[str, ...] = ("8x", "16x")  # 8x: sd encoder, 32×32×4 latents; 16x: sd-f16, 16×16×4
+    tokenizers: tuple[str, ...] = TOKENIZER_KINDS  # eps-vae (diffusion decoder) and/or vae (baseline decoder)
     timed_steps: int = 2  # DiT forwards timed (after one warm-up); the 250-step figure is extrapolated
-    ddpm_steps: int = 250
-    decode_steps: tuple[int, ...] = (1, 2, 3)
+    ddpm_steps: int = 250  # DDPM steps of the whole-pipeline figure (extrapolated from timed_steps)
+    decode_steps: tuple[int, ...] = (1, 2, 3)  # ε-VAE Euler step counts to time
     default_decode_steps: int = DEFAULT_DECODE_STEPS  # used in the whole-pipeline figure
-    image_size: int = 256
+    resolution: int = 256  # image side in pixels
     decoder: str = "M"  # ε-VAE decoder preset (Table 5)
-    num_classes: int = 1000
-    matmul_size: int = 4096
+    num_classes: int = 1000  # DiT class-embedding size
+    matmul_size: int = 4096  # side of the square matmul that measures the machine's peak rate
     threads: int | None = None  # CPU threads (torch.set_num_threads); None keeps PyTorch's default
     quick: bool = False  # tiny models and sizes (tests)
-    device: str | None = None
-    out: str | None = "runs/benchmark/throughput"  # directory for throughput.json + throughput.md
+    device: str | None = None  # None: the first CUDA device if any, else the CPU
+    output_dir: str | None = "runs/benchmark/throughput"  # directory for throughput.json + throughput.md
+    verbose: bool = True  # print one line per measurement as it is taken
 
     def __post_init__(self) -> None:
         for name in ("precisions", "compressions", "tokenizers", "decode_steps"):
@@ -95,7 +98,7 @@ def time_call(fn: Callable[[], Any], device: torch.device, repeats: int = 1, war
 
 def matmul_gflops(size: int, device: torch.device, precision: str = "fp32", repeats: int = 3) -> float:
     """The machine's dense matmul rate: 2·n³ FLOPs of an n×n @ n×n product, in GFLOP/s."""
-    dtype = autocast_dtype(precision) or torch.float32
+    dtype = autocast_dtype(precision, device) or torch.float32
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     seconds = time_call(lambda: a @ b, device, repeats=repeats, warmup=1)
@@ -164,14 +167,21 @@ def benchmark_throughput(config: ThroughputConfig) -> dict[str, Any]:
 
 def _benchmark(config: ThroughputConfig) -> dict[str, Any]:
     device = pick_device(config.device)
-    image_size = 32 if config.quick else config.image_size
+    image_size = 32 if config.quick else config.resolution
     matmul_size = 256 if config.quick else config.matmul_size
     batch = config.batch_size
+    # "auto" → the concrete precision this device runs; each is timed once even if named twice.
+    precisions = list(dict.fromkeys(resolve_precision(p, device) for p in config.precisions))
+    say = print if config.verbose else (lambda *args, **kwargs: None)
     machine = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
                or platform.machine(), "device_type": device.type, "torch": torch.__version__,
-               "threads": torch.get_num_threads(),
-               "matmul_gflops": {p: matmul_gflops(matmul_size, device, p) for p in config.precisions},
-               "matmul_size": matmul_size}
+               "threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+               "precisions": precisions, "matmul_gflops": {}, "matmul_size": matmul_size}
+    say(f"throughput on {machine['device']} ({device.type}, {machine['threads']} threads), precisions "
+        f"{precisions} (asked: {list(config.precisions)}), batch {batch}", flush=True)
+    for p in precisions:
+        machine["matmul_gflops"][p] = matmul_gflops(matmul_size, device, p)
+        say(f"  matmul {matmul_size}² {p}: {machine['matmul_gflops'][p]:.1f} GFLOP/s", flush=True)
     rows: list[dict[str, Any]] = []
     for compression in config.compressions:
         tokenizers = build_tokenizers(config, compression)
@@ -184,9 +194,11 @@ def _benchmark(config: ThroughputConfig) -> dict[str, Any]:
         t = torch.full((batch,), 500, device=device, dtype=torch.int64)
         y = torch.zeros(batch, device=device, dtype=torch.int64)
         dit_flops = count_flops(lambda: dit(z, t, y))
-        for precision in config.precisions:
+        for precision in precisions:
             with autocast(device, precision):
                 dit_step = time_call(lambda: dit(z, t, y), device, repeats=config.timed_steps, warmup=1)
+            say(f"  {compression} {precision} DiT step: {1e3 * dit_step:.1f} ms "
+                f"({dit_flops / dit_step / 1e9:.1f} GFLOP/s)", flush=True)
             for kind, tokenizer in tokenizers.items():
                 tokenizer.to(device).eval()
                 decode: dict[str, float] = {}
@@ -202,6 +214,9 @@ def _benchmark(config: ThroughputConfig) -> dict[str, Any]:
                     encode = time_call(lambda: tokenizer.encode(x, sample=False), device)
                 tokenizer.to("cpu")
                 seconds = config.ddpm_steps * dit_step + pipeline_decode
+                say(f"  {compression} {precision} {kind}: decode "
+                    + ", ".join(f"{s} step(s) {1e3 * v:.0f} ms" for s, v in decode.items())
+                    + f"; encode {1e3 * encode:.0f} ms; pipeline {batch / seconds:.4g} images/s", flush=True)
                 rows.append({
                     "compression": compression, "downsample": downsample,
                     "latent_shape": [channels, latent_size, latent_size], "tokens": dit.config.num_patches,
@@ -224,8 +239,8 @@ def _benchmark(config: ThroughputConfig) -> dict[str, Any]:
                       f"extrapolated from {config.timed_steps} timed steps"}
     with torch.device("meta"):
         report["dit_params_m"] = count_parameters(build_dit(config, 4, image_size // 8)) / 1e6
-    if config.out:
-        write_report(report, Path(config.out))
+    if config.output_dir:
+        write_report(report, Path(config.output_dir))
     return report
 
 

@@ -71,7 +71,11 @@ class StudyProfile:
     warmup_steps: int = 20
     ema_decay: float = 0.98
     disc_start: int = 0
-    train_steps: int = 100  # the same for every run of a study
+    train_steps: int = 100  # the same for every run of a study (with convergence_every: the most a run gets)
+    # Train in segments of this many steps, scoring rFD after each (runs/<name>/convergence.json), and stop once
+    # rFD moved by less than convergence_tolerance over the last quarter of the steps trained. None: one segment.
+    convergence_every: int | None = None
+    convergence_tolerance: float = 0.05
     study_minutes: float | None = None  # wall budget of a study (see `time_cap_minutes`); None = no cap
     train_share: float = 0.7  # of the budget, for training; the rest is start-up and evaluation
     checkpoint_every: int = 1000
@@ -87,7 +91,7 @@ class StudyProfile:
     downsamples: tuple[int, ...] = (4, 8, 16)
     latent_channels: tuple[int, ...] = (4, 8, 16)
     resolution_multipliers: tuple[int, ...] = (1, 2)
-    precision: str = "no"
+    precision: str = "auto"
     num_workers: int = 0
     log_every: int = 10
     seed: int = 0
@@ -125,6 +129,14 @@ PROFILES: dict[str, StudyProfile] = {
         preconditioning="skip", lr=1e-3, adam_betas=(0.9, 0.999), warmup_steps=20, disc_start=20, train_steps=100, study_minutes=20.0,
         train_share=0.7, checkpoint_every=50,
         eval_images=48, eval_batch=48, ladder_nfes=(1, 2, 3, 5, 10)),
+    # 2-core CPU, an hour or more per study, resumable: the quick sizes (one width group) trained until rFD stops
+    # moving (< 5% over the last quarter), with the perceptual and adversarial terms on from step 200.
+    "long": StudyProfile(
+        resolution=64, encoder=_QUICK_ENCODER, eps_decoders={"XS": ADM_PRESETS["XS"]},
+        vae_decoders={"w24": VAEDecoderConfig(base_channels=24, num_res_blocks=1)}, decoder="XS",
+        vae_decoder="w24", width_groups=(("w24", "XS"),), batch_size=8, preconditioning="skip", lr=1e-3,
+        adam_betas=(0.9, 0.999), warmup_steps=20, disc_start=200, train_steps=4000, convergence_every=250,
+        checkpoint_every=250, eval_images=96, eval_batch=48),
     # GPUs, the paper's setting: ε-VAE-lite encoder, Table 5 decoders, 128², 1M steps at batch 256 (appendix C.2).
     "full": StudyProfile(
         resolution=128, encoder=ENCODER_PRESETS["lite"],
@@ -216,7 +228,8 @@ def vae_vs_eps_runs(profile: StudyProfile) -> list[RunSpec]:
         runs.append(RunSpec(f"vae-{vae_width}", f"VAE ({vae_width})", "vae", vae_config(profile, vae_width),
                             variants=_vae_variants(profile), info={"group": group, "width": vae_width}))
         runs.append(RunSpec(f"eps-{eps_width}", f"ε-VAE ({eps_width})", "eps_vae", eps_config(profile, eps_width),
-                            variants=_eps_variants(profile), info={"group": group, "width": eps_width}))
+                            variants=_eps_variants(profile, steps=(profile.decode_steps, 1)),
+                            info={"group": group, "width": eps_width}))
     return runs
 
 
@@ -427,40 +440,98 @@ def _spec_record(spec: RunSpec, train_config) -> dict[str, Any]:
     return json.loads(json.dumps({"run": spec.to_dict(), "training": settings}))
 
 
+def _write_init(spec: RunSpec, profile: StudyProfile, run_dir: Path) -> None:
+    """The run's initial weights, once. Same seed before building: runs sharing an encoder architecture also
+    share its initial weights."""
+    from tokenizer import EpsVAE, VAE
+
+    init_dir = run_dir / "init"
+    if (init_dir / "config.json").is_file():
+        return
+    torch.manual_seed(profile.seed)
+    model_cls, config_cls = (EpsVAE, EpsVAEConfig) if spec.model_type == "eps_vae" else (VAE, VAEConfig)
+    model_cls(config_cls.from_dict(spec.model_config)).save_pretrained(init_dir)
+
+
 def train_run(spec: RunSpec, profile: StudyProfile, run_dir: Path, data: str, max_minutes: float | None,
               perceptual_weights: str | None = None) -> dict[str, Any]:
     """Train (or resume, or reuse) one run; returns its training record (`trained.json`)."""
     from accelerate import PartialState
 
     from pipelines import train_tokenizer as stage1
-    from pipelines.kit.logging import read_jsonl
-    from tokenizer import EpsVAE, VAE
 
     state = PartialState()
     record_path = run_dir / "trained.json"
     if record_path.is_file():
         return json.loads(record_path.read_text())
-    init_dir = run_dir / "init"
-    if state.is_main_process and not (init_dir / "config.json").is_file():
-        # Same seed before building: runs sharing an encoder architecture also share its initial weights.
-        torch.manual_seed(profile.seed)
-        model_cls, config_cls = (EpsVAE, EpsVAEConfig) if spec.model_type == "eps_vae" else (VAE, VAEConfig)
-        model_cls(config_cls.from_dict(spec.model_config)).save_pretrained(init_dir)
+    if state.is_main_process:
+        _write_init(spec, profile, run_dir)
     state.wait_for_everyone()
     config = _train_config(spec, profile, run_dir, data, max_minutes, perceptual_weights)
     started = time.monotonic()
     model_dir = stage1.train_tokenizer(config)
     latest = run_dir / "train" / "checkpoints" / "latest.json"
     steps = json.loads(latest.read_text())["step"] if latest.is_file() else profile.train_steps
-    metrics = run_dir / "train" / "metrics.jsonl"
-    rates = [r["images_per_s"] for r in (read_jsonl(metrics) if metrics.is_file() else []) if "images_per_s" in r]
     record = {"model_dir": str(model_dir.resolve()), "steps": steps, "target_steps": profile.train_steps,
               "time_capped": steps < profile.train_steps, "seconds": time.monotonic() - started,
-              # The first logging window includes start-up; the median of the windows is the steady rate.
-              "images_per_s": float(np.median(rates[1:] if len(rates) > 1 else rates)) if rates else None}
+              "images_per_s": read_jsonl_rates(run_dir / "train" / "metrics.jsonl")}
     if state.is_main_process:
         _write_json(record_path, record)
     return record
+
+
+def settled(history: list[dict[str, Any]], tolerance: float) -> bool:
+    """rFD moved by less than `tolerance` (relative) between 3/4 of the steps trained and now."""
+    if len(history) < 4:
+        return False
+    last = history[-1]
+    earlier = [h for h in history if h["step"] <= 0.75 * last["step"]][-1]
+    return abs(last["rfd"] - earlier["rfd"]) <= tolerance * earlier["rfd"]
+
+
+def train_until_converged(spec: RunSpec, profile: StudyProfile, run_dir: Path, data: str,
+                          perceptual_weights: str | None,
+                          evaluator_factory: Callable[[], "StudyEvaluator"]) -> dict[str, Any]:
+    """Train in segments of `convergence_every` steps (each resumes the last checkpoint exactly), score the EMA
+    model's headline rFD after each, stop when `settled` or at `train_steps`. Resumable at every segment."""
+    from pipelines import train_tokenizer as stage1
+    from tokenizer import load_tokenizer
+
+    record_path, history_path = run_dir / "trained.json", run_dir / "convergence.json"
+    if record_path.is_file():
+        return json.loads(record_path.read_text())
+    history = json.loads(history_path.read_text()) if history_path.is_file() else []
+    headline = [v for v in spec.variants if v.resolution == profile.resolution
+                and v.steps in (None, profile.decode_steps) and v.spacing in (None, "reversed_log")][:1]
+    started = time.monotonic()
+    model_dir = None
+    while not settled(history, profile.convergence_tolerance) and (history[-1]["step"] if history else 0) < \
+            profile.train_steps:
+        target = min((history[-1]["step"] if history else 0) + profile.convergence_every, profile.train_steps)
+        config = _train_config(spec, profile, run_dir, data, None, perceptual_weights).override(max_steps=target)
+        _write_init(spec, profile, run_dir)
+        model_dir = stage1.train_tokenizer(config)
+        tokenizer = load_tokenizer(model_dir).eval()
+        evaluator = evaluator_factory()
+        row = evaluator.evaluate(tokenizer.to(evaluator.device), tuple(headline))[0]
+        history.append({"step": target, "rfd": row["rfd"], "psnr": row["psnr"], "steps": row["steps"]})
+        _write_json(history_path, history)
+        print(f"[{run_dir.name}] step {target}: rFD {row['rfd']:.2f}, PSNR {row['psnr']:.2f}", flush=True)
+    record = {"model_dir": str((model_dir or run_dir / "train" / "model").resolve()), "steps": history[-1]["step"],
+              "target_steps": profile.train_steps, "time_capped": False,
+              "converged": settled(history, profile.convergence_tolerance), "history": history,
+              "seconds": time.monotonic() - started,
+              "images_per_s": read_jsonl_rates(run_dir / "train" / "metrics.jsonl")}
+    _write_json(record_path, record)
+    return record
+
+
+def read_jsonl_rates(metrics: Path) -> float | None:
+    """Median training images/s over the logging windows (the first one includes start-up)."""
+    from pipelines.kit.logging import read_jsonl
+
+    rates = [r["images_per_s"] for r in (read_jsonl(metrics) if metrics.is_file() else []) if "images_per_s" in r]
+    return float(np.median(rates[1:] if len(rates) > 1 else rates)) if rates else None
 
 
 def run_one(spec: RunSpec, profile: StudyProfile, study_dir: Path, data: str, max_minutes: float | None,
@@ -486,6 +557,9 @@ def run_one(spec: RunSpec, profile: StudyProfile, study_dir: Path, data: str, ma
     if key in shared_training:  # e.g. ladder (g) = (f) trained, decoded with another spacing
         training = {**json.loads((shared_training[key] / "trained.json").read_text()),
                     "shared_with": shared_training[key].name}
+    elif profile.convergence_every:
+        print(f"[{study_dir.name}/{spec.name}] training {spec.label} until rFD settles", flush=True)
+        training = train_until_converged(spec, profile, run_dir, data, perceptual_weights, evaluator_factory)
     else:
         print(f"[{study_dir.name}/{spec.name}] training {spec.label}", flush=True)
         training = train_run(spec, profile, run_dir, data, max_minutes, perceptual_weights)
@@ -652,7 +726,32 @@ def report_vae_vs_eps(results, profile, study_dir):
     _savefig(figure, study_dir / "rfd_vs_params.png")
     text = ("Groups pair decoders of comparable parameter count; Δ = rFD(VAE) − rFD(ε-VAE), relative to the "
             "VAE (Table 7's Δ).\n\n" + table + "\n![rFD vs decoder parameters](rfd_vs_params.png)\n")
-    return {"groups": groups}, text
+    by_nfe = []
+    for group in groups:
+        members = {r["name"]: r for r in results}
+        vae, eps = members[group["vae"]], members[group["eps_vae"]]
+        for nfe in sorted({row["steps"] for row in eps["evaluations"] if row["steps"]}):
+            eps_rfd = _headline(eps, steps=nfe)["rfd"]
+            by_nfe.append({"group": group["group"], "nfe": nfe, "vae_rfd": group["vae_rfd"], "eps_rfd": eps_rfd,
+                           "relative_improvement": relative_improvement(group["vae_rfd"], eps_rfd)})
+    text += "\n" + _table(["group", "ε-VAE NFE", f"VAE {FD_LABEL}", f"ε-VAE {FD_LABEL}", "Δ rFD (rel.)"],
+                          [[g["group"] + 1, g["nfe"], _fmt(g["vae_rfd"]), _fmt(g["eps_rfd"]),
+                            f"{100 * g['relative_improvement']:.1f}%"] for g in by_nfe])
+    histories = {r["label"]: r["training"]["history"] for r in results if r["training"].get("history")}
+    if histories:  # trained until rFD settled: show the curves and whether each run converged
+        figure, axis = plt.subplots(figsize=(5, 3.5))
+        for label, history in histories.items():
+            axis.plot([h["step"] for h in history], [h["rfd"] for h in history], marker=".", label=label)
+        axis.set(xlabel="training step", ylabel=FD_LABEL, title="rFD while training (headline NFE)")
+        axis.legend()
+        _savefig(figure, study_dir / "rfd_vs_steps.png")
+        rows = [[r["label"], r["training"]["steps"], "yes" if r["training"].get("converged") else "no (step cap)",
+                 " → ".join(f"{h['rfd']:.1f}" for h in r["training"]["history"])]
+                for r in results if r["training"].get("history")]
+        text += ("\n" + _table(["model", "steps", f"settled (< {100 * profile.convergence_tolerance:.0f}% over the "
+                                "last quarter)", f"{FD_LABEL} every {profile.convergence_every} steps"], rows)
+                 + "\n![rFD while training](rfd_vs_steps.png)\n")
+    return {"groups": groups, "by_nfe": by_nfe}, text
 
 
 def report_ladder(results, profile, study_dir):

@@ -9,7 +9,17 @@ from __future__ import annotations
 
 import dataclasses
 import typing
+from pathlib import Path
 from typing import Any
+
+
+# Settings a resumed run may change: its length, cadence, outputs, launch and numerics, not what it learns from.
+RESUMABLE_CHANGES = frozenset({
+    "output_dir", "resume", "max_steps", "max_minutes", "log_every", "checkpoint_every", "keep_last", "log_with",
+    "collective_timeout_s", "num_workers", "image_every", "sample_every", "sample_steps", "sample_images",
+    "decode_steps", "tokenizer", "cpu", "max_nonfinite", "precision", "grad_accum", "channels_last",
+    "shards", "data", "perceptual_weights", "init_from", "init_encoder_from",  # paths: the checkpoint has the weights
+})
 
 
 class SectionedConfig:
@@ -56,6 +66,27 @@ class SectionedConfig:
     def to_flat(self) -> dict[str, Any]:
         """Leaf name → value, the pre-sections layout."""
         return {name: value for section in self.to_dict().values() for name, value in section.items()}
+
+    def check_resume(self, checkpoint_dir: Path) -> None:
+        """Refuse, in one line, to resume a checkpoint written with other settings (STYLE: a rerun never mixes old
+        and new). Only what changes how long, where and how visibly a run goes may differ (`RESUMABLE_CHANGES`)."""
+        import json
+
+        path = Path(checkpoint_dir) / "config.json"
+        if not path.is_file():
+            return
+        try:
+            previous = type(self).from_dict(json.loads(path.read_text())).to_flat()
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"cannot compare this run with {checkpoint_dir} ({error}); start a new --output-dir") \
+                from None
+        current = self.to_flat()
+        changed = [name for name, value in current.items() if name not in RESUMABLE_CHANGES
+                   and json.dumps(previous.get(name), default=str) != json.dumps(value, default=str)]
+        if changed:
+            listed = ", ".join(f"{name}={previous.get(name)!r} (now {current[name]!r})" for name in changed[:4])
+            raise ValueError(f"{checkpoint_dir} was written with {listed}{' …' if len(changed) > 4 else ''}: resume "
+                             "with the same settings, or train into a new --output-dir")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]):

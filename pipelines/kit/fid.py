@@ -43,17 +43,17 @@ DEFAULT_CACHE_DIR = "~/.cache/epsvae/fid-references"
 class FIDConfig:
     samples: str  # a folder of PNGs or an ADM .npz
     reference: str  # statistics .npz, images .npz, image folder, or a build_image_dataset source
-    reference_split: str = "val"
+    reference_split: str = "val"  # split of a data-source reference
     reference_num_images: int | None = None  # None: all of the reference source
     features: str = "inception"  # "inception" → FID / IS; "effnet-l0" → FD-EffNetL0 / IS-EffNetL0 (offline)
     feature_weights: str | None = None
     cache_dir: str | None = None  # default ~/.cache/epsvae/fid-references
-    use_cache: bool = True
+    use_cache: bool = True  # reuse the reference statistics cached under cache_dir
     batch_size: int = 64
-    num_workers: int = 2
+    num_workers: int = 2  # DataLoader worker processes
     pr_k: int = 3  # k-NN radius of improved precision/recall (Kynkäänniemi et al. 2019)
     pr_max_images: int = 10_000  # features kept per set for precision/recall (ADM's reference batch size)
-    is_splits: int = 10
+    is_splits: int = 10  # Inception Score splits (the standard 10)
     device: str | None = None
     output: str | None = None  # JSON path; a .md table is written beside it
 

@@ -66,7 +66,7 @@ def generate_latents(
     cfg_scale: float = 1.0,
     diffusion_steps: int = DIFFUSION_STEPS,
     variance: str = "fixed_large",
-    precision: str = "no",
+    precision: str = "auto",
     progress: bool = False,
 ) -> torch.Tensor:
     """Sample tokenizer latents (B, C, h, w) for class `labels` (B,) with `num_steps` respaced DDPM steps.
@@ -78,7 +78,12 @@ def generate_latents(
     config = dit.config
     device = next(dit.parameters()).device
     labels = torch.as_tensor(labels, dtype=torch.int64, device=device).flatten()  # (B,)
-    if labels.numel() == 0 or labels.min() < 0 or labels.max() >= config.num_classes:
+    if config.unconditional:
+        if labels.numel() == 0 or bool((labels != dit.null_class).any()):
+            raise ValueError(f"an unconditional DiT takes only null labels ({dit.null_class}), got {labels.tolist()[:8]}")
+        if cfg_scale != 1.0:
+            raise ValueError("classifier-free guidance needs a class-conditional DiT; this one is unconditional")
+    elif labels.numel() == 0 or labels.min() < 0 or labels.max() >= config.num_classes:
         raise ValueError(f"labels must be class ids in [0, {config.num_classes}), got {labels.tolist()[:8]}")
     schedule = sampling_schedule(num_steps, diffusion_steps)
     noise = _initial_noise((labels.numel(), config.in_channels, config.input_size, config.input_size),
@@ -312,7 +317,7 @@ class GenerationPipeline:
         ddpm_steps: int | str = 250,
         cfg_scale: float = 1.0,
         variance: str = "fixed_large",
-        precision: str = "no",
+        precision: str = "auto",
         progress: bool = False,
     ) -> torch.Tensor:
         """Tokenizer-space latents (B, C, h, w): x_T and every DDPM step's noise come from each image's generator."""
@@ -328,7 +333,7 @@ class GenerationPipeline:
         decode_steps: int | None = None,
         tile: int | None = None,
         tile_overlap: int = 4,
-        precision: str = "no",
+        precision: str = "auto",
     ) -> torch.Tensor:
         """Latents (B, C, h, w) → images (B, 3, H, W) in [-1, 1]; decoder noise from the per-image generators."""
 
@@ -342,7 +347,7 @@ class GenerationPipeline:
 
     def __call__(
         self,
-        classes: int | str | Sequence[int | str] | torch.Tensor,
+        classes: int | str | Sequence[int | str] | torch.Tensor | None,
         generator: GeneratorSpec = None,
         *,
         num_images_per_class: int = 1,
@@ -352,7 +357,7 @@ class GenerationPipeline:
         variance: str = "fixed_large",
         tile: int | None = None,
         tile_overlap: int = 4,
-        precision: str = "no",
+        precision: str = "auto",
         output_type: str = "pt",
         progress: bool = False,
     ):
@@ -366,7 +371,14 @@ class GenerationPipeline:
             classes = classes.flatten().tolist()
         if num_images_per_class < 1:
             raise ValueError(f"num_images_per_class must be >= 1, got {num_images_per_class}")
-        labels = [label for label in self.class_ids(classes) for _ in range(num_images_per_class)]
+        if self.dit.config.unconditional:  # no classes: images of the null label (its id, 0, may be listed)
+            null = self.dit.null_class
+            nulls = [null] if classes is None else ([classes] if isinstance(classes, (int, str)) else list(classes))
+            if any(str(item) != str(null) for item in nulls):
+                raise ValueError("this DiT is unconditional: pass classes=None and the count as num_images_per_class")
+            labels = [null for _ in nulls for _ in range(num_images_per_class)]
+        else:
+            labels = [label for label in self.class_ids(classes) for _ in range(num_images_per_class)]
         generators = per_image_generators(generator, len(labels), self.device)
         latents = self.sample_latents(torch.tensor(labels), generators, ddpm_steps, cfg_scale, variance, precision,
                                       progress)

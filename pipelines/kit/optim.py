@@ -36,13 +36,13 @@ class TrainingOptimConfig:
     its config's `default_factory`): Adam lr and betas, linear warm-up, step budget, accumulation, clipping, EMA.
     The defaults are DiT's (paper C.3), which stage 2 uses as they are."""
 
-    lr: float = 1e-4
+    lr: float = 1e-4  # Adam learning rate (after warm-up)
     adam_betas: tuple[float, float] = (0.9, 0.999)
-    warmup_steps: int = 0
-    max_steps: int = 400_000
-    grad_accum: int = 1
+    warmup_steps: int = 0  # linear learning-rate warm-up steps
+    max_steps: int = 1_000_000  # paper C.3 trains its DiTs for 1M steps (DiT's own default was 400k)
+    grad_accum: int = 1  # micro-batches accumulated per optimiser step
     grad_clip: float | None = None  # None: measure the norm only
-    ema_decay: float = 0.9999
+    ema_decay: float = 0.9999  # EMA decay of the weights saved as the model
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "adam_betas", tuple(self.adam_betas))  # JSON lists → tuples
@@ -106,19 +106,23 @@ def warmup_factor(step: int, warmup_steps: int) -> float:
     return min(1.0, (step + 1) / warmup_steps)
 
 
-def warmup_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warmup over `warmup_steps` optimiser updates, then constant.
+def warmup_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int,
+                     start: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup over `warmup_steps` optimiser updates counted from training step `start`, then constant.
+
+    `start` is for a network that begins training late (the discriminator, from `disc_start`): the scheduler is
+    still stepped once per training step, its factor is 0 before `start` and ramps from 1/warmup at `start`.
 
     A `LambdaLR` over a plain function: its `state_dict()` is ints and floats, so it saves with
     `torch.save` and loads with `weights_only=True`. Call `scheduler.step()` once per *optimiser update* (when
     `accelerator.sync_gradients`), and do not pass it to `accelerator.prepare`: accelerate's wrapper steps it
     `num_processes` times per call, which would shorten the warmup by the number of GPUs.
     """
-    if warmup_steps < 0:
-        raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+    if warmup_steps < 0 or start < 0:
+        raise ValueError(f"warmup_steps and start must be >= 0, got {warmup_steps} and {start}")
 
     def factor(step: int) -> float:
-        return warmup_factor(step, warmup_steps)
+        return warmup_factor(step - start, warmup_steps) if step >= start else 0.0
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 

@@ -104,7 +104,7 @@ def evaluate_reconstructions(
     perceptual=None,
     *,
     device: torch.device | str,
-    precision: str = "no",
+    precision: str = "auto",
     seed: int = 0,
     real: FeatureStats | None = None,
     max_images: int | None = None,

@@ -21,7 +21,11 @@ if TYPE_CHECKING:  # accelerate is imported lazily: `import pipelines.kit.run` s
     from accelerate import Accelerator
 
 MIXED_PRECISION_CHOICES = ("no", "bf16", "fp16")
-TRACKER_CHOICES = (None, "tensorboard")
+# The trackers accelerate supports (accelerate.utils.LoggerType) → the package each needs.
+TRACKER_PACKAGES: dict[str, str] = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow",
+                                    "aim": "aim", "comet_ml": "comet_ml", "clearml": "clearml",
+                                    "dvclive": "dvclive", "swanlab": "swanlab", "trackio": "trackio"}
+TRACKER_CHOICES = (None, *TRACKER_PACKAGES)
 
 
 @dataclass(frozen=True)
@@ -30,18 +34,18 @@ class RunConfig:
     the wall-time cap and the non-finite policy. Each trainer sets its own defaults in its config's
     `default_factory`."""
 
-    output_dir: str = "runs/train"
-    precision: str = "no"
-    seed: int = 0
-    checkpoint_every: int = 1000
-    keep_last: int = 3
-    log_every: int = 10
+    output_dir: str = "runs/train"  # checkpoints, metrics.jsonl, the final model folder and config.yaml
+    precision: str = "auto"  # autocast dtype: auto | fp32 | bf16 | fp16 (pipelines.kit.precision; "no" = fp32)
+    seed: int = 0  # base seed; each rank uses seed + rank
+    checkpoint_every: int = 1000  # steps between resumable checkpoints
+    keep_last: int = 3  # complete checkpoints kept (older ones deleted)
+    log_every: int = 10  # steps between metric lines
     resume: str | None = None  # None | "auto" | a checkpoint dir
-    log_with: str | None = None
-    collective_timeout_s: float = 600.0
+    log_with: str | None = None  # experiment tracker accelerate logs to (tensorboard, wandb, mlflow, aim, ...)
+    collective_timeout_s: float = 600.0  # a dead peer → the survivors raise after this long instead of hanging
     cpu: bool = False  # force CPU even where a GPU is visible (tests, CPU-only `accelerate launch`)
     max_minutes: float | None = None  # stop (and save) after this much wall time
-    max_nonfinite: int = 10
+    max_nonfinite: int = 10  # consecutive non-finite losses (steps skipped) before the run stops
 
     def __post_init__(self) -> None:
         require_at_least(self, 1, "checkpoint_every", "keep_last", "log_every")
@@ -55,7 +59,7 @@ class AcceleratorConfig:
     gradient_accumulation_steps: int = 1
     seed: int = 0
     collective_timeout_s: float = 600.0  # a dead peer → the survivors raise after this long instead of hanging
-    log_with: str | None = None  # None or "tensorboard"; TensorBoard must be installed only when asked for
+    log_with: str | None = None  # None or one of TRACKER_PACKAGES; its package must be installed only when asked for
     project_dir: str | None = None  # where trackers write (TensorBoard event files)
     cpu: bool = False  # force CPU even where an accelerator is visible (tests, `accelerate launch --cpu`)
 
@@ -79,11 +83,13 @@ def make_accelerator(config: AcceleratorConfig) -> "Accelerator":
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
-    if config.log_with == "tensorboard":
-        from accelerate.utils import is_tensorboard_available
+    if config.log_with is not None:
+        import importlib.util
 
-        if not is_tensorboard_available():
-            raise ValueError("log_with='tensorboard' needs the `tensorboard` package: pip install tensorboard")
+        package = TRACKER_PACKAGES[config.log_with]
+        if importlib.util.find_spec(package) is None and not (
+                package == "tensorboard" and importlib.util.find_spec("tensorboardX") is not None):
+            raise ValueError(f"--log-with {config.log_with} needs the `{package}` package: pip install {package}")
 
     accelerator = Accelerator(
         mixed_precision=config.mixed_precision,
@@ -102,7 +108,7 @@ def make_run_accelerator(run: RunConfig, grad_accum: int) -> "Accelerator":
     from pipelines.kit.precision import accelerate_mixed_precision
 
     return make_accelerator(AcceleratorConfig(
-        mixed_precision=accelerate_mixed_precision(run.precision), gradient_accumulation_steps=grad_accum,
+        mixed_precision=accelerate_mixed_precision(run.precision, cpu=run.cpu), gradient_accumulation_steps=grad_accum,
         seed=run.seed, log_with=run.log_with,
         project_dir=str(Path(run.output_dir) / "trackers") if run.log_with else None,
         collective_timeout_s=run.collective_timeout_s, cpu=run.cpu,
