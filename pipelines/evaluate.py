@@ -1,24 +1,26 @@
 """Evaluation jobs. `evaluate_reconstruction`: rFID (or rFD-EffNetL0 offline), PSNR, SSIM and perceptual
 distance of a tokenizer on a validation set, at several decode step counts and resolutions (paper Tables 1, 2, 7).
 
-The measuring is `pipelines.kit.reconstruction.evaluate_reconstructions`: decoding noise comes from one generator
-per image seeded with `seed + index`, so the numbers do not depend on batch size, and real-image statistics are
-computed once per resolution and reused for every step count.
+The measuring is `pipelines.kit.reconstruction`'s (`score_batch`, `ScoreTotals`, as `evaluate_reconstructions`
+does it): decoding noise comes from one generator per image seeded with `seed + index`, so the numbers do not
+depend on batch size, and real-image statistics are computed once per resolution and reused for every step count.
+Under `accelerate launch` the batches are dealt to the processes and the main one adds up their scores in image
+order: the same numbers as one process.
 """
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from pipelines.kit.metrics import build_feature_extractor
-from pipelines.kit.precision import check_precision, pick_device
-from pipelines.kit.reconstruction import DecodeSetting, evaluate_reconstructions
+from pipelines.kit.metrics import build_feature_extractor, dataset_batches, evaluation_state, map_in_order
+from pipelines.kit.precision import check_precision
+from pipelines.kit.reconstruction import BatchScores, DecodeSetting, ScoreTotals, decode_settings, score_batch
 from tokenizer import load_tokenizer
 
 
@@ -88,39 +90,62 @@ class ReconstructionReport:
         return "\n".join(lines) + "\n"
 
 
-def evaluate_reconstruction(config: ReconstructionEvalConfig) -> ReconstructionReport:
-    from data.sources import build_image_dataset
+def evaluate_reconstruction(config: ReconstructionEvalConfig) -> ReconstructionReport | None:
+    """The report on the main process (None on the others). Under `accelerate launch` the images are split into
+    batches of `batch_size` consecutive indices, dealt round-robin to the processes; each scores its batches
+    (`score_batch`, image i decoded with seed `seed + i`) and the main process adds them up in index order
+    (`ScoreTotals`), so every number is the one a single process with the same batch size gives."""
+    from data.sources import build_image_dataset, resolve_source
     from tokenizer.perceptual import build_perceptual
 
     started = time.monotonic()
-    device = pick_device(config.device)
-    # Fail on missing metric weights before loading data or models.
+    state, device = evaluation_state(config.device)
+    # Cheap checks first (the model folder, the data source, the sizes), then the metric networks' weights.
+    tokenizer = load_tokenizer(config.tokenizer, use_ema=config.use_ema).to(device).eval()
+    resolve_source(config.data)
+    for multiplier in config.resolution_multipliers:
+        if config.resolution * multiplier % tokenizer.downsample:
+            raise ValueError(f"resolution {config.resolution * multiplier} is not divisible by the tokenizer's "
+                             f"downsample factor {tokenizer.downsample}")
     extractor = build_feature_extractor(config.features, config.feature_weights, device=device)
     perceptual = build_perceptual(config.perceptual, config.perceptual_weights).to(device) \
         if config.perceptual != "none" else None
-    tokenizer = load_tokenizer(config.tokenizer, use_ema=config.use_ema).to(device).eval()
     report = ReconstructionReport(
         tokenizer=str(config.tokenizer), model_type=tokenizer.model_type,
         fd_label="rFID" if extractor.name == "FID" else "r" + extractor.name,
         perceptual_label=config.perceptual if perceptual is not None else None,
     )
-    settings = [DecodeSetting(steps) for steps in config.decode_steps]
+    settings = decode_settings(tokenizer, [DecodeSetting(steps) for steps in config.decode_steps])
 
     for multiplier in config.resolution_multipliers:
         resolution = config.resolution * multiplier
+        resolution_started = time.monotonic()
         dataset = build_image_dataset(config.data, split=config.split, resolution=resolution, train=False)
-        if config.num_images is not None and hasattr(dataset, "__len__"):
-            dataset = Subset(dataset, range(min(config.num_images, len(dataset))))
-        loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=False, num_workers=config.num_workers)
-        progress = tqdm(loader, desc=f"recon {resolution}px", unit="batch")
-        result = evaluate_reconstructions(
-            tokenizer, (images for images, _labels in progress), settings, extractor, perceptual, device=device,
-            precision=config.precision, seed=config.seed,
-            source=f"the {config.split} split of {config.data!r} at {resolution}px")
+        total = min(len(dataset), config.num_images or len(dataset)) if hasattr(dataset, "__len__") \
+            else config.num_images  # a stream's length is unknown
+        batches = dataset_batches(dataset, config.batch_size, config.num_workers, config.num_images, state)
+        totals = ScoreTotals(settings)
+
+        def score(batch: tuple[int, Any]) -> BatchScores:
+            first_index, load = batch
+            return score_batch(tokenizer, load(), first_index, settings, extractor, perceptual, device=device,
+                               precision=config.precision, seed=config.seed)
+
+        with tqdm(total=total, desc=f"recon {resolution}px", unit="img", disable=not state.is_main_process) as bar:
+            for scores in map_in_order(score, batches, state):
+                totals.add(scores)
+                bar.update(scores.num_images)
+        if not state.is_main_process:
+            continue
+        result = totals.result(f"the {config.split} split of {config.data!r} at {resolution}px")
         report.rows += [ReconstructionRow(
             resolution=resolution, decode_steps=m.setting.steps, psnr=m.psnr, ssim=m.ssim,
             perceptual=m.perceptual, rfd=m.rfd, num_images=m.num_images,
         ) for m in result.metrics]
+        print(f"recon {resolution}px: {totals.seen} images x {len(settings)} decode setting(s) on "
+              f"{state.num_processes} process(es) in {time.monotonic() - resolution_started:.1f} s", file=sys.stderr)
+    if not state.is_main_process:
+        return None
     report.seconds = time.monotonic() - started
     if config.output:
         write_report(report, Path(config.output))

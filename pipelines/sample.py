@@ -357,7 +357,7 @@ def images_per_second(result: SampleResult) -> float:
 
 def sample_and_score(sample_config: SampleConfig, fid_config: FIDConfig) -> dict[str, Any] | None:
     """The paper's generation protocol in one go (Table 3: 50k samples, no CFG): `run_sampling` on every rank,
-    then `pipelines.kit.fid.evaluate_fid` of the ADM `.npz` on the main process.
+    then `pipelines.kit.fid.evaluate_fid` of the ADM `.npz`, its feature extraction split over the same ranks.
 
     `fid_config.samples` is replaced by the `.npz` written here. Returns the combined report (None on other
     ranks); JSON + markdown go to `fid_config.output`.
@@ -368,14 +368,14 @@ def sample_and_score(sample_config: SampleConfig, fid_config: FIDConfig) -> dict
         sample_config = dataclasses.replace(sample_config, write_npz=True)
     state = PartialState(cpu=sample_config.cpu)
     check_reference(fid_config.reference)
-    extractor = None
-    if state.is_main_process:  # missing metric weights fail now, not after hours of sampling
-        device = torch.device(fid_config.device) if fid_config.device else state.device
-        extractor = build_feature_extractor(fid_config.features, fid_config.feature_weights, device=device)
+    # Missing metric weights fail now, on every rank, not after hours of sampling.
+    device = torch.device(fid_config.device) if fid_config.device and state.num_processes == 1 else state.device
+    extractor = build_feature_extractor(fid_config.features, fid_config.feature_weights, device=device)
     result = run_sampling(sample_config)
+    scored = evaluate_fid(dataclasses.replace(fid_config, samples=str(result.out_dir / NPZ_NAME), output=None),
+                          extractor, state=state)
     if not state.is_main_process:
         return None
-    scored = evaluate_fid(dataclasses.replace(fid_config, samples=str(result.npz), output=None), extractor)
     sampling = {"generator": sample_config.generator, "tokenizer": sample_config.tokenizer,
                 "num_images": result.num_images, "image_size": result.image_size,
                 "ddpm_steps": sample_config.ddpm_steps, "decode_steps": sample_config.decode_steps,

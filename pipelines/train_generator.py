@@ -27,10 +27,11 @@ import torch
 from generator.diffusion import DiffusionSchedule, epsilon_loss, linear_beta_schedule
 from generator.dit import DiT, DiTConfig, DiT_models
 from pipelines.kit.checkpoints import CheckpointManager
+from pipelines.kit.compiling import compile_modules
 from pipelines.kit.ema import EMA, save_final_model, unwrap_model
-from pipelines.kit.logging import MetricsLogger
-from pipelines.kit.loop import LoopPlan, NonFiniteGuard, OptimizedModule, StepOutput, quartile_losses, run_training_loop
 from pipelines.kit.config import SectionedConfig, require_at_least
+from pipelines.kit.loop import (NonFiniteGuard, OptimizedModule, StepOutput, open_metrics_log, plan_of, quartile_losses,
+                                 run_training_loop)
 from pipelines.kit.optim import OptimizerConfig, TrainingOptimConfig, build_optimizer, warmup_scheduler
 from pipelines.kit.run import RunConfig, make_run_accelerator, per_device_batch
 from tokenizer import DEFAULT_DECODE_STEPS
@@ -249,10 +250,12 @@ def train_generator(config: GeneratorTrainConfig) -> TrainedGenerator:
     dit = DiT(dit_config)
     num_parameters = count_parameters(dit)
     optimizer = build_optimizer(dit, OptimizerConfig(lr=config.optim.lr, betas=config.optim.adam_betas,
-                                                     weight_decay=config.optim.weight_decay))
+                                                     weight_decay=config.optim.weight_decay), device)
     scheduler = warmup_scheduler(optimizer, config.optim.warmup_steps)
     model, optimizer = accelerator.prepare(dit, optimizer)  # the loader is already split by rank: not prepared
     raw_dit: DiT = unwrap_model(model)
+    if config.run.compile:  # in place, after prepare: weights, EMA and checkpoint keys stay the eager module's
+        compile_modules(raw_dit, device=device)
     ema = EMA(raw_dit, config.optim.ema_decay)
     guard = NonFiniteGuard(config.run.max_nonfinite, accelerator)
     schedule = schedule_on(linear_beta_schedule(config.model.diffusion_steps), device)
@@ -309,15 +312,9 @@ def train_generator(config: GeneratorTrainConfig) -> TrainedGenerator:
         if step % config.sample.sample_every == 0 and grid_tokenizer is not None:
             write_sample_grid(raw_dit, ema, grid_tokenizer, config, output_dir / "samples" / f"step_{step:07d}.png")
 
-    metrics_log = MetricsLogger(output_dir / "metrics.jsonl", accelerator=accelerator,
-                                total_steps=config.optim.max_steps,
-                                initial_step=start_step, description="generator",
-                                tracker_project="generator" if config.run.log_with else None,
-                                tracker_config=config.to_dict())
     result = run_training_loop(
-        accelerator, loader, step_body, networks,
-        LoopPlan(config.optim.max_steps, config.run.log_every, config.run.checkpoint_every, config.run.max_minutes),
-        start_step=start_step, guard=guard, metrics_log=metrics_log, save_checkpoint=save_checkpoint,
+        accelerator, loader, step_body, networks, plan_of(config), start_step=start_step, guard=guard,
+        metrics_log=open_metrics_log(accelerator, config, "generator", start_step), save_checkpoint=save_checkpoint,
         resumed=resume_from is not None, after_update=write_grid, throughput_name="latents_per_s",
     )
     final_dir = output_dir / "model"

@@ -50,10 +50,31 @@ def _is_run_failure(error: BaseException) -> bool:
     from pipelines.kit.checkpoints import CheckpointError
     from pipelines.kit.loop import NonFiniteLossError
 
-    return isinstance(error, (CheckpointError, NonFiniteLossError))
+    return isinstance(error, (CheckpointError, NonFiniteLossError)) or _lost_peer(error) is not None
+
+
+def _lost_peer(error: BaseException) -> str | None:
+    """The one line for a collective that failed because another rank died or hung (gloo / NCCL errors), else
+    None. The newest complete checkpoint is what a rerun resumes from."""
+    import torch.distributed
+
+    distributed_errors = tuple(getattr(torch.distributed, name) for name in ("DistError",)
+                               if hasattr(torch.distributed, name))
+    text = str(error).lower()
+    timed_out = "timed out" in text or "timeout" in text
+    lost = any(marker in text for marker in ("connection closed by peer", "connection reset", "broken pipe",
+                                             "communicator was aborted"))
+    if not (isinstance(error, distributed_errors) or (isinstance(error, RuntimeError) and (timed_out or lost))):
+        return None
+    what = ("timed out waiting for another process (a hung or overloaded rank; see --collective-timeout-s)"
+            if timed_out else "lost the connection to another process (a rank died)")
+    return f"a collective operation {what}; rerun with --resume auto to continue from the newest checkpoint"
 
 
 def one_line(error: BaseException) -> str:
+    lost = _lost_peer(error) if isinstance(error, RuntimeError) else None
+    if lost is not None:
+        return lost
     text = str(error).strip()
     if "Original Traceback" in text:  # re-raised from a DataLoader worker: the original message is the last line
         text = text.splitlines()[-1]

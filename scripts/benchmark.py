@@ -1,11 +1,14 @@
 #!/usr/bin/env python
-r"""Benchmarks. `throughput`: images/s of the pipeline and its parts (Table 3); `tokenizer`: the paper's studies.
+r"""Benchmarks. `throughput`: images/s of the pipeline and its parts (Table 3); `train`: training steps, eager vs
+compiled, against the machine's matmul rate, and the latent-shard reader; `tokenizer`: the paper's studies.
 
 Examples:
     python scripts/benchmark.py throughput            # default: this device's fast precision (auto), a few minutes
     python scripts/benchmark.py throughput --dit DiT-XL/2 --per-process-batch-size 2 --precision fp32 bf16 \
         --timed-steps 2 --output-dir runs/benchmark/throughput
     python scripts/benchmark.py throughput --quick --output-dir /tmp/bench     # tiny models, seconds
+    python scripts/benchmark.py train --output-dir runs/benchmark/train        # demo tokenizer + DiT-S/2 steps
+    python scripts/benchmark.py train --dit DiT-XL/2 --modes eager --timed-steps 2
     python scripts/benchmark.py tokenizer --study vae-vs-eps --profile quick --output-dir runs/bench
 Throughput models are randomly initialised at the paper's sizes; the 250-step DiT time is extrapolated from the timed
 steps (the report says from how many). One line is printed per measurement as it is taken; the tables follow.
@@ -14,15 +17,16 @@ from __future__ import annotations
 
 import sys
 
-from _cli import (OUTPUT_DIR_FLAG, PER_PROCESS_BATCH_FLAG, ArgumentParser, BoolFlag, add_config_file_argument,
-                  add_cpu_argument,
+from _cli import (OUTPUT_DIR_FLAG, PER_PROCESS_BATCH_FLAG, ArgumentParser, BoolFlag, add_config_arguments,
+                  add_config_file_argument, add_cpu_argument, config_from_arguments,
                   add_deprecated_alias, add_precision_argument, field_docs, parse_arguments, positive_int, run_main,
                   script_parser, write_effective_config)
 
 
 def build_parser() -> ArgumentParser:
     from generator.dit import DiT_models
-    from pipelines.experiments.throughput import COMPRESSIONS, TOKENIZER_KINDS, ThroughputConfig
+    from pipelines.experiments.throughput import (COMPILE_MODES, COMPRESSIONS, TOKENIZER_KINDS, ThroughputConfig,
+                                                  TrainThroughputConfig)
     from pipelines.experiments.tokenizer_studies import PROFILES, STUDIES
 
     defaults, docs = ThroughputConfig(), field_docs(ThroughputConfig)
@@ -65,6 +69,16 @@ def build_parser() -> ArgumentParser:
                             help=helps("output_dir"))
     add_deprecated_alias(throughput, "--out", OUTPUT_DIR_FLAG, "output_dir")
 
+    train = commands.add_parser("train", help="training steps eager vs compiled, FLOP/s of matmul; shard reader",
+                                description="Training steps (tokenizer at the demo's sizes, with and without the "
+                                            "perceptual net; a DiT), eager and compiled, FLOP/s against the "
+                                            "matmul rate measured in the same run; the latent-shard reader's "
+                                            "latents/s.", epilog=parser.epilog)
+    add_config_file_argument(train)
+    add_config_arguments(train, TrainThroughputConfig, skip=("device", "verbose"),
+                         choices={"dit": list(DiT_models), "modes": COMPILE_MODES})
+    add_cpu_argument(train)
+
     studies = commands.add_parser("tokenizer", help="controlled tokenizer studies (Tables 4, 7; Fig. 2-3)",
                                   description="Controlled tokenizer studies (Tables 4, 7; Fig. 2-3).",
                                   epilog=parser.epilog)
@@ -89,6 +103,17 @@ def main(argv=None) -> None:
     from pipelines.experiments.throughput import ThroughputConfig, benchmark_throughput, markdown
 
     namespace = parse_arguments(build_parser(), argv)
+    if namespace.command == "train":
+        from pipelines.experiments.throughput import TrainThroughputConfig, benchmark_training, train_markdown
+
+        extra = {"device": "cpu"} if getattr(namespace, "cpu", False) else {}
+        train_config = config_from_arguments(TrainThroughputConfig, namespace, **extra)
+        print(train_markdown(benchmark_training(train_config)), end="")
+        if train_config.output_dir:
+            write_effective_config(train_config.output_dir, dataclasses.asdict(train_config),
+                                   "scripts/benchmark.py train")
+            print(f"wrote {train_config.output_dir}/train_throughput.json and train_throughput.md")
+        return
     if namespace.command == "tokenizer":
         from pipelines.experiments.tokenizer_studies import run_studies
 

@@ -16,8 +16,10 @@ Examples:
     accelerate launch --multi_gpu --num_processes 8 scripts/evaluate.py pipeline --generator runs/dit-xl/model \
         --tokenizer runs/eps-sd-m/model --output-dir runs/samples/fid50k --per-process-batch-size 125 \
         --precision bf16 --reference VIRTUAL_imagenet256_labeled.npz
-With --output-dir DIR each command writes DIR/<command>.json and .md (pipeline: next to its samples) and
-DIR/config.yaml (--config DIR/config.yaml repeats the run).
+Under `accelerate launch` the work is split across the processes (recon: batches of validation images; fid: batches
+of samples and of an uncached reference; pipeline: the samples) with the numbers of one process; the main process
+prints and writes the report. With --output-dir DIR each command writes DIR/<command>.json and .md (pipeline: next
+to its samples) and DIR/config.yaml (--config DIR/config.yaml repeats the run).
 """
 from __future__ import annotations
 
@@ -106,18 +108,24 @@ def main(argv=None) -> None:
             raise ValueError("recon needs --tokenizer DIR (a save_pretrained directory)")
         config = config_from_arguments(ReconstructionEvalConfig, args, **_device_and_output(args, "recon"))
         report = evaluate_reconstruction(config)
+        if report is None:  # another process than the main one under accelerate launch
+            return
         print(report.markdown(), end="")
         if config.output:
             write_effective_config(args.output_dir, config_dict(config), "scripts/evaluate.py recon")
             print(f"wrote {config.output} and {config.output.rsplit('.', 1)[0]}.md")
     elif args.command == "fid":
         from pipelines.kit.fid import FIDConfig, evaluate_fid
+        from pipelines.kit.metrics import evaluation_state
 
         missing = [flag for flag in ("samples", "reference") if flag not in vars(args)]
         if missing:
             raise ValueError(f"fid needs {' and '.join('--' + m for m in missing)}")
         config = config_from_arguments(FIDConfig, args, **_device_and_output(args, "fid"))
-        print(evaluate_fid(config).markdown(), end="")
+        report = evaluate_fid(config, state=evaluation_state(config.device)[0])
+        if report is None:  # another process than the main one under accelerate launch
+            return
+        print(report.markdown(), end="")
         if config.output:
             write_effective_config(args.output_dir, config_dict(config), "scripts/evaluate.py fid")
             print(f"wrote {config.output} and {config.output.rsplit('.', 1)[0]}.md")

@@ -100,3 +100,48 @@ def test_bad_arguments_exit_2(argv):
     with pytest.raises(SystemExit) as exit_:
         run_main(load_script().main, argv)
     assert exit_.value.code == 2
+
+
+def test_quick_train_mode_times_every_step_eager_and_compiled_and_the_reader(tmp_path, capsys, monkeypatch):
+    """`benchmark.py train --quick`: tokenizer (with and without the perceptual net) and DiT steps in both modes,
+    FLOP/s against the same run's matmul rate, the shard reader's latents/s, JSON + markdown. The compiled rows go
+    through the real in-place compile path with the `aot_eager` backend (no code generation: seconds)."""
+    from pipelines.kit import compiling
+
+    monkeypatch.setattr(compiling, "COMPILE_BACKEND", "aot_eager")
+    out = tmp_path / "train"
+    code = run_main(load_script().main, ["train", "--quick", "--timed-steps", "1", "--warmup-steps", "1",
+                                         "--threads", "1", "--perceptual", "none", "--output-dir", str(out)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    report = json.loads((out / "train_throughput.json").read_text())
+    rows = {(r["workload"], r["mode"]): r for r in report["rows"]}
+    assert set(rows) == {(w, m) for w in ("tokenizer", "tokenizer+perceptual", "dit") for m in ("eager", "compiled")}
+    rate = report["machine"]["matmul_gflops"]
+    for (workload, mode), row in rows.items():
+        assert row["step_s"] > 0 and row["gflop_per_step"] > 0
+        assert row["matmul_fraction"] == pytest.approx(row["gflop_per_step"] / row["step_s"] / rate)
+        assert (row["compile_s"] is not None) == (mode == "compiled")
+        assert f"  {workload} {mode}:" in printed  # printed as it was measured
+    # The DiT row counts the forward and the backward: 3× the forward's FLOPs (backward = 2 matmuls per matmul).
+    from pipelines.experiments.throughput import QUICK_DIT, _training_dit
+
+    dit, batch = _training_dit("DiT-S/2", 8, QUICK_DIT), rows[("dit", "eager")]["batch_size"]
+    forward = count_flops(lambda: dit(torch.randn(batch, 4, 8, 8), torch.zeros(batch, dtype=torch.long),
+                                      torch.zeros(batch, dtype=torch.long)))
+    assert rows[("dit", "eager")]["gflop_per_step"] * 1e9 == pytest.approx(3 * forward, rel=0.05)
+    assert set(report["compiled_over_eager"]) == {"tokenizer", "tokenizer+perceptual", "dit"}
+    assert report["reader"]["latents_per_s"] > 0 and report["reader"]["latent_shape"] == [4, 8, 8]
+    table = (out / "train_throughput.md").read_text()
+    assert "eager / compiled step time" in table and "latents/s" in table and table.count("| dit |") == 3  # two rows and the ratio
+    assert (out / "config.yaml").is_file()
+
+
+def test_train_mode_rejects_bad_settings():
+    from pipelines.experiments.throughput import TrainThroughputConfig
+
+    with pytest.raises(ValueError, match="modes"):
+        TrainThroughputConfig(modes=("jit",))
+    with pytest.raises(SystemExit) as exit_:
+        run_main(load_script().main, ["train", "--modes", "jit"])
+    assert exit_.value.code == 2

@@ -15,7 +15,7 @@ import _cli
 
 # script → its subcommands (None: no subcommands)
 SCRIPTS = {"train_tokenizer": None, "train_generator": None, "cache_latents": None, "sample": None,
-           "evaluate": ("recon", "fid", "pipeline"), "benchmark": ("throughput", "tokenizer"), "demo": None}
+           "evaluate": ("recon", "fid", "pipeline"), "benchmark": ("throughput", "train", "tokenizer"), "demo": None}
 BANNED = {"--out", "--output", "--batch-size", "--image-size", "--device"}  # old names: hidden aliases only
 
 

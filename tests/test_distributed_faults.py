@@ -140,6 +140,10 @@ def test_killed_rank_ends_the_job_in_bounded_time_and_the_restart_resumes(latent
     log = (tmp_path / "log2.txt").read_text()
     assert process.returncode != 0 and survivor_took < COLLECTIVE_TIMEOUT_S + 30, (survivor_took, log[-3000:])
     assert "timed out" in log.lower() or "timeout" in log.lower(), log[-3000:]
+    # The survivor says what happened in one line of its own, with no traceback from the project's code.
+    assert any(line.startswith("error: a collective operation") for line in log.splitlines()), log[-3000:]
+    assert not any(f"{REPO_ROOT}/pipelines" in line or f"{REPO_ROOT}/scripts" in line
+                   for line in log.splitlines() if line.strip().startswith("File ")), log[-3000:]
     assert not (out / "model").exists()
 
     # 3. Uninterrupted: resumes and finishes.

@@ -105,6 +105,9 @@ CACHE_BASE = ["--data", "offline", "--resolution", "32", "--crops-per-class", "1
 GENERATOR_BASE = ["--model", "DiT-S/2", "--depth", "1", "--hidden-size", "32", "--num-heads", "2", "--global-batch-size",
                   "4", "--num-workers", "0", "--max-steps", "1", "--cpu", "--output-dir", "{out}"]
 SAMPLE_BASE = ["--per-class", "1", "--ddpm-steps", "2", "--decode-steps", "1", "--cpu", "--output-dir", "{out}"]
+# Metric networks whose weights are certainly missing: looked for only after the cheap checks.
+LPIPS = ["--perceptual", "lpips-vgg", "--perceptual-weight", "0.5", "--perceptual-weights", "{out}-weights/vgg.pth"]
+INCEPTION = ["--features", "inception", "--inception-weights", "{out}-weights/inception.pth"]
 RECON_BASE = ["recon", "--data", "offline", "--resolution", "32", "--features", "effnet-l0", "--perceptual", "none",
               "--num-images", "2", "--per-process-batch-size", "2", "--num-workers", "0", "--cpu",
               "--output-dir", "{out}"]
@@ -134,6 +137,16 @@ CASES = [
     ("tok-missing-lpips", "train_tokenizer",
      [*TOKENIZER_BASE, "--perceptual", "lpips-vgg", "--perceptual-weight", "0.5", "--perceptual-weights",
       "{missing}"], r"does-not-exist|weights"),
+    # Cheap checks come before the metric networks' weights (issue 18): the message names the real problem.
+    ("tok-data-before-weights", "train_tokenizer", [*TOKENIZER_BASE, *LPIPS, "--data", "{missing}"],
+     r"does-not-exist"),
+    ("tok-resolution-before-weights", "train_tokenizer",
+     [*TOKENIZER_BASE, *LPIPS, "--resolution", "40", "--downsample", "16"], r"resolution 40 .*divisible.* 16"),
+    ("tok-resolution-init-from", "train_tokenizer", [*TOKENIZER_BASE, *LPIPS, "--init-from", "{tok}", "--resolution",
+                                                     "30"], r"resolution 30 .*divisible.* 4"),
+    ("tok-resume-before-weights", "train_tokenizer", [*TOKENIZER_BASE, *LPIPS, "--resume", "{missing}"],
+     r"does-not-exist"),
+    ("tok-bad-downsample", "train_tokenizer", [*TOKENIZER_BASE, "--downsample", "12"], r"power of two"),
     # --- latent caching ------------------------------------------------------------------------------------
     ("cache-no-tokenizer", "cache_latents", [*CACHE_BASE], r"--tokenizer is required"),
     ("cache-dit", "cache_latents", [*CACHE_BASE, "--tokenizer", "{dit}"], r"dit"),
@@ -213,6 +226,15 @@ CASES = [
     ("recon-missing-inception", "evaluate",
      [*RECON_BASE, "--tokenizer", "{tok}", "--features", "inception", "--inception-weights", "{missing}"],
      r"does-not-exist|weights|inception"),
+    ("recon-missing-before-weights", "evaluate",
+     [*RECON_BASE, "--tokenizer", "{missing}", *INCEPTION, "--perceptual", "lpips-vgg", "--perceptual-weights",
+      "{out}-weights/vgg.pth"], r"does-not-exist"),
+    ("recon-data-before-weights", "evaluate", [*RECON_BASE, "--tokenizer", "{tok}", "--data", "{missing}", *INCEPTION],
+     r"does-not-exist"),
+    ("recon-resolution-before-weights", "evaluate",
+     [*RECON_BASE, "--tokenizer", "{tok}", "--resolution", "30", *INCEPTION], r"resolution 30 .*divisible.* 4"),
+    ("fid-reference-before-weights", "evaluate", ["fid", "--samples", "{pngs}", "--reference", "{missing}",
+                                                  *INCEPTION, "--output-dir", "{out}"], r"does-not-exist"),
     ("fid-missing-samples", "evaluate", ["fid", "--samples", "{missing}", "--reference", "offline", "--features",
                                          "effnet-l0", "--output-dir", "{out}"], r"does-not-exist"),
     ("fid-empty-samples", "evaluate", ["fid", "--samples", "{notmodel}", "--reference", "offline", "--features",

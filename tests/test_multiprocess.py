@@ -11,6 +11,7 @@ as do the one-process references, so kernels reduce in the same order and result
 | cache_latents.py | every sample's moments by key; manifest statistics | moments exact; statistics 1e-6 relative: the ranks' float64 sums are added in another order |
 | train_tokenizer.py | a run resumed with another process count | loads and finishes (checkpoints hold every rank's RNG) |
 | train_generator.py | losses of the same global batch size | finite, within 30%: each rank draws its own noise and time |
+| evaluate.py recon / fid / pipeline | the reports | none (tests/test_evaluate_distributed.py and here) |
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ import pytest
 import torch
 
 from pipelines.kit.logging import read_jsonl
-from support import cache_tiny_latents, save_tiny_tokenizer
+from support import cache_tiny_latents
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -159,3 +160,18 @@ def test_a_missing_file_is_one_line_per_rank_in_bounded_time(models, tmp_path):
     # The launcher prints its own failure summary; nothing of ours raised a traceback.
     assert not any(f"{REPO_ROOT}/scripts" in line or f"{REPO_ROOT}/pipelines" in line
                    for line in done.stderr.splitlines() if line.strip().startswith("File "))
+
+
+def test_pipeline_evaluation_two_processes_scores_like_one(models, tmp_path):
+    """`evaluate.py pipeline`: every rank samples its share and extracts features of its share of the samples."""
+    args = ["pipeline", "--generator", models["generator"], "--tokenizer", models["tokenizer"], "--classes", "0,1,2",
+            "--per-class", "2", "--ddpm-steps", "4", "--per-process-batch-size", "2", "--reference", "offline",
+            "--reference-num-images", "8", "--features", "effnet-l0", "--no-use-cache", "--num-workers", "0",
+            "--cpu"]
+    _run("evaluate.py", [*args, "--output-dir", tmp_path / "one"], 1)
+    _run("evaluate.py", [*args, "--output-dir", tmp_path / "two"], 2)
+    one = json.loads((tmp_path / "one" / "pipeline.json").read_text())["metrics"]
+    two = json.loads((tmp_path / "two" / "pipeline.json").read_text())["metrics"]
+    for report in (one, two):
+        report.pop("seconds"), report.pop("samples")  # wall time and the folder differ, nothing else
+    assert one["num_samples"] == 6 and one == two

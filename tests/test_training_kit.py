@@ -33,7 +33,7 @@ from pipelines.kit.checkpoints import (
 from pipelines.kit.ema import EMA
 from pipelines.kit.logging import MetricsLogger, read_jsonl
 from pipelines.kit.loop import (LoopPlan, NonFiniteGuard, NonFiniteLossError, OptimizedModule, StepOutput, clip_gradients,
-                                 mean_over_ranks, quartile_losses, run_training_loop)
+                                 quartile_losses, run_training_loop)
 from pipelines.kit.optim import OptimizerConfig, build_optimizer, param_groups, warmup_factor, warmup_scheduler
 from pipelines.kit.run import AcceleratorConfig, make_accelerator
 
@@ -452,6 +452,31 @@ def test_ema_with_ddp_style_wrapper_copy_to_and_swap():
         EMA(inner, 1.0)
 
 
+def test_foreach_ema_equals_the_per_tensor_loop():
+    """The multi-tensor update gives exactly the old per-tensor `mul_(decay).add_(p, alpha=1 - decay)`, for fp32
+    and bf16 models, with BatchNorm buffers (float and int) copied."""
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.Linear(5, 2)).to(dtype)
+        decay = 0.9
+        ema = EMA(model, decay)
+        reference = {k: v.clone() for k, v in ema.shadow.items()}
+        averaged = {name for name, p in model.named_parameters()}
+        for _ in range(4):
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(torch.randn_like(p))
+            model.train()(torch.randn(7, 6, dtype=dtype))
+            ema.update(model)
+            for name, value in model.state_dict().items():
+                if name in averaged:
+                    reference[name].mul_(decay).add_(value.float(), alpha=1 - decay)
+                else:
+                    reference[name].copy_(value)
+            for name in reference:
+                assert torch.equal(ema.shadow[name], reference[name]), name
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Optimiser, warmup, clipping, guard, quartiles, metrics
 # ----------------------------------------------------------------------------------------------------------------
@@ -501,6 +526,34 @@ def test_clip_gradients_returns_norm_and_clips():
     assert clip_gradients(None, model.parameters(), max_norm=None) == pytest.approx(6.0)
     assert clip_gradients(None, model.parameters(), max_norm=1.5) == pytest.approx(6.0)
     assert model.weight.grad.norm().item() == pytest.approx(1.5, rel=1e-5)
+    # The norm stays a tensor (no host-device sync per step); the loop reads it on log steps only.
+    assert isinstance(clip_gradients(None, model.parameters(), max_norm=None), torch.Tensor)
+
+
+def test_optimizer_is_multi_tensor_and_matches_plain_adam():
+    """foreach Adam on the CPU, fused Adam on CUDA; the same updates as the per-parameter loop."""
+    from pipelines.kit.optim import multi_tensor_options
+
+    assert multi_tensor_options("cuda") == {"fused": True} and multi_tensor_options("cpu") == {"foreach": True}
+    for config in (OptimizerConfig(lr=1e-2, betas=(0.0, 0.999)),
+                   OptimizerConfig(lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True)):
+        torch.manual_seed(0)
+        model = ToyMLP().eval()  # no dropout: both models see the same function
+        plain_model = ToyMLP().eval()
+        plain_model.load_state_dict(model.state_dict())
+        optimizer = build_optimizer(model, config)
+        assert optimizer.defaults["foreach"] is True
+        plain_class = torch.optim.AdamW if config.decoupled_weight_decay else torch.optim.Adam
+        plain = plain_class(param_groups(plain_model, config.weight_decay), lr=config.lr, betas=config.betas,
+                            eps=config.eps, foreach=False)
+        for _ in range(5):
+            x = torch.randn(8, 6)
+            for net, opt in ((model, optimizer), (plain_model, plain)):
+                opt.zero_grad()
+                net(x).square().mean().backward()
+                opt.step()
+        for (name, a), b in zip(model.state_dict().items(), plain_model.state_dict().values()):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=name)
 
 
 def test_non_finite_guard_counts_skips_and_stops():

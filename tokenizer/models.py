@@ -261,9 +261,9 @@ class _Tokenizer(nn.Module):
                  "latents": f"{self.latent_channels} channels, {self.downsample}x downsampling",
                  "latent statistics": "recorded" if config.latent_mean is not None else "not yet (cache latents)",
                  **(training or {})}
-        usage = (f"from tokenizer import load_tokenizer\ntokenizer = load_tokenizer(\"path/or/owner-name\")\n"
+        usage = ("from tokenizer import load_tokenizer\ntokenizer = load_tokenizer(\"path/or/owner-name\")\n"
                  "z = tokenizer.encode(images, sample=False)            # images: (B, 3, H, W) in [-1, 1] or PIL\n"
-                 "x = tokenizer.decode(z" + (", steps=3" if self.objective.iterative else "") + ")")
+                 f"x = tokenizer.decode(z{f', steps={DEFAULT_DECODE_STEPS}' if self.objective.iterative else ''})")
         card = pretrained.model_card(f"{type(self).__name__} tokenizer", "An image tokenizer of the ε-VAE paper "
                                      "(Zhao et al., ICML 2025).", facts, usage)
         return pretrained.save_folder(directory, type(self).__name__, self.model_type, config.to_dict(),

@@ -17,9 +17,12 @@ Models are randomly initialised at the paper's sizes (timing needs no trained we
 32×32×4 latents (8×, `sd` encoder) or 16×16×4 (16×, `sd-f16` encoder), the ε-VAE-SD (M) decoder, and the
 baseline VAE decoder preset whose parameter count is closest to it ("comparable size"). `quick` swaps in tiny
 models for the test suite.
+
+`benchmark_training` (`scripts/benchmark.py train`, below) times whole training steps instead, eager and compiled.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import json
@@ -28,7 +31,7 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -153,16 +156,30 @@ def build_dit(config: ThroughputConfig, latent_channels: int, latent_size: int):
 # ---------------------------------------------------------------------------------------------------- benchmark
 
 
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """`torch.set_num_threads(threads)` inside the block (None: unchanged), restored after."""
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def machine_facts(device: torch.device) -> dict[str, Any]:
+    """What the figures were measured on (the report's `machine` entry)."""
+    return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+            or platform.machine(), "device_type": device.type, "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+
+
 @torch.no_grad()
 def benchmark_throughput(config: ThroughputConfig) -> dict[str, Any]:
     """Time every component for every (compression, tokenizer, precision); returns the JSON-ready report."""
-    previous_threads = torch.get_num_threads()
-    if config.threads is not None:
-        torch.set_num_threads(config.threads)
-    try:
+    with torch_threads(config.threads):
         return _benchmark(config)
-    finally:
-        torch.set_num_threads(previous_threads)
 
 
 def _benchmark(config: ThroughputConfig) -> dict[str, Any]:
@@ -173,10 +190,7 @@ def _benchmark(config: ThroughputConfig) -> dict[str, Any]:
     # "auto" → the concrete precision this device runs; each is timed once even if named twice.
     precisions = list(dict.fromkeys(resolve_precision(p, device) for p in config.precisions))
     say = print if config.verbose else (lambda *args, **kwargs: None)
-    machine = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
-               or platform.machine(), "device_type": device.type, "torch": torch.__version__,
-               "threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-               "precisions": precisions, "matmul_gflops": {}, "matmul_size": matmul_size}
+    machine = {**machine_facts(device), "precisions": precisions, "matmul_gflops": {}, "matmul_size": matmul_size}
     say(f"throughput on {machine['device']} ({device.type}, {machine['threads']} threads), precisions "
         f"{precisions} (asked: {list(config.precisions)}), batch {batch}", flush=True)
     for p in precisions:
@@ -284,3 +298,288 @@ def write_report(report: dict[str, Any], directory: Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "throughput.json").write_text(json.dumps(report, indent=2) + "\n")
     (directory / "throughput.md").write_text(markdown(report))
+
+
+# ------------------------------------------------------------------------------------------------ training steps
+#
+# `scripts/benchmark.py train`: one full training step of each trainer (forward, backward, Adam, EMA), eager and
+# compiled side by side in one process, against the matmul rate measured in the same process; and the latent-shard
+# reader's latents/s. FLOPs are counted once per workload on an eager step (FlopCounterMode counts matmuls,
+# convolutions and attention, forward and backward; elementwise work is not counted, so a fraction of the matmul
+# rate is an upper bound on how much of the step is spent in the counted kernels).
+
+COMPILE_MODES = ("eager", "compiled")
+QUICK_TRAIN = dict(encoder="tiny", decoder="tiny", resolution=32, latent_size=8, reader_latents=64,
+                   reader_batch_size=16, matmul_size=256)
+
+
+@dataclass(frozen=True)
+class TrainThroughputConfig:
+    """What `benchmark_training` times; the tokenizer defaults are the demo's (tiny-lite encoder, XS decoder)."""
+
+    tokenizer_batch_size: int = 8  # images per tokenizer training step (the demo's)
+    resolution: int = 64  # tokenizer training image side (the demo's)
+    encoder: str | None = None  # encoder preset; None: the demo's (tiny-lite)
+    decoder: str | None = None  # decoder preset; None: the demo's (XS)
+    perceptual: str = "effnet-l0"  # perceptual network of the "with perceptual" rows (the demo's)
+    dit: str = "DiT-S/2"  # DiT size of the timed training step
+    dit_batch_size: int = 8  # latents per DiT training step
+    latent_size: int = 32  # latent side of the DiT step and of the shard reader (4 channels)
+    modes: tuple[str, ...] = COMPILE_MODES  # eager and/or compiled (torch.compile, in place)
+    precision: str = "auto"  # autocast precision of the steps (auto: this device's fast one)
+    timed_steps: int = 3  # steps timed per row (median), after the warm-up steps
+    warmup_steps: int = 2  # untimed steps per row (a compiled row compiles in these)
+    reader_latents: int = 4096  # latents written to temporary shards for the reader figure
+    reader_batch_size: int = 256  # latents per reader batch
+    matmul_size: int = 2048  # side of the square matmul that measures the machine's rate
+    threads: int | None = None  # CPU threads (torch.set_num_threads); None keeps PyTorch's default
+    quick: bool = False  # tiny models and sizes (tests)
+    device: str | None = None  # None: the first CUDA device if any, else the CPU
+    output_dir: str | None = "runs/benchmark/train"  # directory for train_throughput.json + train_throughput.md
+    verbose: bool = True  # print one line per measurement as it is taken
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "modes", tuple(self.modes))
+        if not self.modes or any(m not in COMPILE_MODES for m in self.modes):
+            raise ValueError(f"modes must be among {list(COMPILE_MODES)}, got {list(self.modes)}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
+        for name in ("tokenizer_batch_size", "resolution", "dit_batch_size", "latent_size", "timed_steps",
+                     "reader_latents", "reader_batch_size", "matmul_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup-steps must be >= 0, got {self.warmup_steps}")
+
+    def sized(self) -> "TrainThroughputConfig":
+        """The quick variant's sizes applied (tiny models) when `quick`."""
+        return dataclasses.replace(self, **QUICK_TRAIN) if self.quick else self
+
+
+def _tokenizer_train_config(config: TrainThroughputConfig, perceptual: bool):
+    """The demo's tokenizer (model section, loss weights) at the benchmark's sizes."""
+    from pipelines.experiments.demo import DEMO_TOKENIZER
+
+    model = DEMO_TOKENIZER.model
+    model = dataclasses.replace(model, encoder=config.encoder or model.encoder,
+                                decoder=config.decoder or model.decoder)
+    loss = dataclasses.replace(DEMO_TOKENIZER.loss, perceptual=config.perceptual if perceptual else "none",
+                               perceptual_weight=DEMO_TOKENIZER.loss.perceptual_weight if perceptual else 0.0)
+    return dataclasses.replace(DEMO_TOKENIZER, model=model, loss=loss)
+
+
+def tokenizer_training_step(config: TrainThroughputConfig, perceptual: bool, device: torch.device, precision: str):
+    """(step function, modules to compile, what it is) for one demo-sized tokenizer step: encode, decode, the
+    losses the demo trains with, backward, Adam, EMA: the trainer's own pieces, without accelerate."""
+    from pipelines.kit.ema import EMA
+    from pipelines.kit.optim import OptimizerConfig, build_optimizer
+    from pipelines.train_tokenizer import (TokenizerTrainingStep, build_discriminator, build_tokenizer,
+                                           generator_losses, sample_training_time)
+    from tokenizer.perceptual import build_perceptual
+
+    train_config = _tokenizer_train_config(config, perceptual)
+    torch.manual_seed(0)
+    tokenizer = build_tokenizer(train_config).to(device)
+    discriminator = build_discriminator(train_config).to(device)
+    distance = build_perceptual(train_config.loss.perceptual).to(device)
+    step_module = TokenizerTrainingStep(tokenizer)
+    memory_format = torch.channels_last if train_config.run.channels_last else torch.contiguous_format
+    for module in (step_module, discriminator, distance):
+        module.to(memory_format=memory_format)
+    optimizer = build_optimizer(step_module, OptimizerConfig(lr=1e-4, betas=train_config.optim.adam_betas), device)
+    ema = EMA(tokenizer, train_config.optim.ema_decay)
+    batch = config.tokenizer_batch_size
+    images = (torch.rand(batch, 3, config.resolution, config.resolution, device=device) * 2 - 1).to(
+        memory_format=memory_format)  # (B, 3, H, W)
+
+    def step() -> None:
+        t = sample_training_time(tokenizer, batch, device)  # (B,)
+        noise = torch.randn_like(images)
+        with autocast(device, precision):
+            out = step_module(images, noise, t)
+            total, _ = generator_losses(train_config, tokenizer.objective, out, images, t, distance, discriminator,
+                                        False, tokenizer.config.kl_weight)
+        total.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        ema.update(tokenizer)
+
+    what = {"model": f"ε-VAE {train_config.model.encoder} encoder / {train_config.model.decoder} decoder",
+            "perceptual": train_config.loss.perceptual, "batch_size": batch,
+            "shape": [3, config.resolution, config.resolution], "params_m": count_parameters(tokenizer) / 1e6,
+            "channels_last": train_config.run.channels_last}
+    return step, [tokenizer.encoder, tokenizer.decoder], what  # what --compile compiles (the perceptual net stays eager)
+
+
+def dit_training_step(config: TrainThroughputConfig, device: torch.device, precision: str):
+    """(step function, modules to compile, what it is) for one DiT step: the trainer's ε-prediction loss at
+    t ~ U{0..999}, backward, Adam, EMA."""
+    from generator.diffusion import epsilon_loss, linear_beta_schedule
+    from pipelines.kit.ema import EMA
+    from pipelines.kit.optim import OptimizerConfig, build_optimizer
+    from pipelines.train_generator import schedule_on
+
+    torch.manual_seed(0)
+    overrides = dict(QUICK_DIT) if config.quick else {}
+    dit = _training_dit(config.dit, config.latent_size, overrides).to(device)
+    optimizer = build_optimizer(dit, OptimizerConfig(lr=1e-4), device)
+    ema = EMA(dit, 0.9999)
+    schedule = schedule_on(linear_beta_schedule(1000), device)
+    batch = config.dit_batch_size
+    latents = torch.randn(batch, 4, config.latent_size, config.latent_size, device=device)  # (B, 4, h, w)
+    labels = torch.randint(0, 1000, (batch,), device=device)  # (B,)
+
+    def step() -> None:
+        t = torch.randint(0, 1000, (batch,), device=device)  # (B,)
+        with autocast(device, precision):
+            loss = epsilon_loss(dit, schedule, latents, t, model_kwargs={"y": labels}).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        ema.update(dit)
+
+    what = {"model": config.dit + (" (quick: tiny)" if config.quick else ""), "perceptual": None,
+            "batch_size": batch, "shape": [4, config.latent_size, config.latent_size],
+            "params_m": count_parameters(dit) / 1e6}
+    return step, [dit], what
+
+
+def _training_dit(name: str, latent_size: int, overrides: dict[str, Any]):
+    from generator.dit import DiT
+
+    return DiT.from_name(name, input_size=latent_size, in_channels=4, num_classes=1000, **overrides)
+
+
+def shard_reader_rate(config: TrainThroughputConfig, say: Callable[..., None]) -> dict[str, Any]:
+    """latents/s of `make_latent_loader` as the DiT trainer uses it (resampled, shuffled, random flip, posterior
+    sample, normalised; one process, no workers) over shards of random 4×s×s latents in a temporary directory."""
+    import tempfile
+
+    from data.latent_shards import LatentShardWriter, make_latent_loader, merge_manifests, rank_prefix
+
+    shape = (4, config.latent_size, config.latent_size)
+    with tempfile.TemporaryDirectory(prefix="latent-shards-") as directory:
+        generator = torch.Generator().manual_seed(0)
+        with LatentShardWriter(directory, rank_prefix(0), samples_per_shard=max(1, config.reader_latents // 4)) as w:
+            for i in range(config.reader_latents):
+                mean, logvar = torch.randn(shape, generator=generator), torch.randn(shape, generator=generator) - 4
+                w.write(f"sample{i:07d}", i % 10, mean, logvar, mean.flip(-1), logvar.flip(-1))
+        merge_manifests(directory, tokenizer_config={}, tokenizer_weights_sha256="benchmark",
+                        class_names=[str(c) for c in range(10)])
+        loader, _ = make_latent_loader(directory, config.reader_batch_size, num_workers=0, resampled=True,
+                                       shuffle_buffer=min(1000, config.reader_latents), seed=0, flip=True,
+                                       sample_posterior=True, normalize=True)
+        batches = iter(loader)
+        next(batches)  # warm-up: opens the first shards, fills the shuffle buffer
+        count, start = 0, time.perf_counter()
+        while count < config.reader_latents:
+            latents, _ = next(batches)
+            count += latents.shape[0]
+        seconds = time.perf_counter() - start
+    result = {"latent_shape": list(shape), "latents": count, "batch_size": config.reader_batch_size,
+              "num_workers": 0, "seconds": seconds, "latents_per_s": count / seconds}
+    say(f"  latent-shard reader {'×'.join(map(str, shape))}: {result['latents_per_s']:.0f} latents/s "
+        f"({count} latents, batch {config.reader_batch_size}, 1 process, no workers)", flush=True)
+    return result
+
+
+def benchmark_training(config: TrainThroughputConfig) -> dict[str, Any]:
+    """Time each training step eager and compiled, the matmul rate, and the shard reader; the JSON-ready report."""
+    with torch_threads(config.threads):
+        return _benchmark_training(config)
+
+
+def _benchmark_training(config: TrainThroughputConfig) -> dict[str, Any]:
+    from pipelines.kit.compiling import compile_modules, compile_unavailable_reason
+
+    sized = config.sized()
+    device = pick_device(config.device)
+    precision = resolve_precision(config.precision, device)
+    say = print if config.verbose else (lambda *args, **kwargs: None)
+    modes = list(config.modes)
+    skipped = compile_unavailable_reason(device) if "compiled" in modes else None
+    if skipped:
+        modes.remove("compiled")
+        say(f"compiled rows skipped: {skipped}", flush=True)
+    machine = {**machine_facts(device), "precision": precision, "matmul_size": sized.matmul_size}
+    say(f"training steps on {machine['device']} ({device.type}, {machine['threads']} threads), precision "
+        f"{precision}, modes {modes}", flush=True)
+    machine["matmul_gflops"] = matmul_gflops(sized.matmul_size, device, precision)
+    say(f"  matmul {sized.matmul_size}² {precision}: {machine['matmul_gflops']:.1f} GFLOP/s", flush=True)
+    workloads = {
+        "tokenizer": lambda: tokenizer_training_step(sized, False, device, precision),
+        "tokenizer+perceptual": lambda: tokenizer_training_step(sized, True, device, precision),
+        "dit": lambda: dit_training_step(sized, device, precision),
+    }
+    rows: list[dict[str, Any]] = []
+    for name, build in workloads.items():
+        step, modules, what = build()
+        step()  # warm-up (allocator, lazy initialisation) before the count
+        flops = count_flops(step)
+        for mode in modes:
+            compile_s = None
+            if mode == "compiled":
+                compile_modules(*modules, device=device)
+                start = time.perf_counter()
+                step()  # the compile happens here (and any recompiles in the warm-up steps below)
+                synchronize(device)
+                compile_s = time.perf_counter() - start
+            seconds = time_call(step, device, repeats=sized.timed_steps, warmup=sized.warmup_steps)
+            achieved = flops / seconds / 1e9
+            row = {"workload": name, **what, "mode": mode, "precision": precision, "step_s": seconds,
+                   "items_per_s": what["batch_size"] / seconds, "gflop_per_step": flops / 1e9,
+                   "achieved_gflops": achieved, "matmul_fraction": achieved / machine["matmul_gflops"],
+                   "compile_s": compile_s, "timed_steps": sized.timed_steps}
+            rows.append(row)
+            say(f"  {name} {mode}: {1e3 * seconds:.0f} ms/step, {row['items_per_s']:.3g} items/s, "
+                f"{achieved:.1f} GFLOP/s ({100 * row['matmul_fraction']:.0f}% of matmul)"
+                + (f", first step {compile_s:.1f} s" if compile_s is not None else ""), flush=True)
+        del step, modules
+        gc.collect()
+    report = {"config": dataclasses.asdict(config), "sizes": dataclasses.asdict(sized), "machine": machine,
+              "rows": rows, "compiled_over_eager": compiled_speedups(rows), "compile_skipped": skipped,
+              "reader": shard_reader_rate(sized, say),
+              "note": "FLOPs counted by FlopCounterMode on one eager step (forward + backward: matmuls, "
+                      "convolutions, attention); step = forward, backward, Adam, EMA; median of "
+                      f"{sized.timed_steps} steps after {sized.warmup_steps} warm-up steps"}
+    if config.output_dir:
+        write_train_report(report, Path(config.output_dir))
+    return report
+
+
+def compiled_speedups(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Step time eager / compiled of each workload timed both ways (>1: compiling pays)."""
+    by_key = {(r["workload"], r["mode"]): r for r in rows}
+    return {name: by_key[(name, "eager")]["step_s"] / by_key[(name, "compiled")]["step_s"]
+            for name, mode in by_key if mode == "compiled" and (name, "eager") in by_key}
+
+
+def train_markdown(report: dict[str, Any]) -> str:
+    machine = report["machine"]
+    lines = [f"Training steps on {machine['device']} ({machine['device_type']}, {machine['threads']} threads), "
+             f"{machine['precision']}; {machine['matmul_size']}² matmul: {machine['matmul_gflops']:.1f} GFLOP/s.",
+             f"{report['note']}.", "",
+             "| workload | model (params) | batch × shape | mode | step (ms) | items/s | GFLOP/step | GFLOP/s "
+             "(of matmul) | first step (s) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in report["rows"]:
+        first = f"{r['compile_s']:.1f}" if r["compile_s"] is not None else "–"
+        lines.append(
+            f"| {r['workload']} | {r['model']} ({r['params_m']:.3g}M) | {r['batch_size']} × "
+            f"{'×'.join(map(str, r['shape']))} | {r['mode']} | {1e3 * r['step_s']:.0f} | {r['items_per_s']:.3g} | "
+            f"{r['gflop_per_step']:.4g} | {r['achieved_gflops']:.4g} ({100 * r['matmul_fraction']:.0f}%) | {first} |")
+    if report["compiled_over_eager"]:
+        lines += ["", "| workload | eager / compiled step time |", "|---|---|"]
+        lines += [f"| {name} | {ratio:.2f}× |" for name, ratio in report["compiled_over_eager"].items()]
+    if report["compile_skipped"]:
+        lines += ["", f"Compiled rows skipped: {report['compile_skipped']}."]
+    reader = report["reader"]
+    lines += ["", f"Latent-shard reader ({'×'.join(map(str, reader['latent_shape']))}, batch {reader['batch_size']}, "
+                  f"one process, no workers): {reader['latents_per_s']:.0f} latents/s."]
+    return "\n".join(lines) + "\n"
+
+
+def write_train_report(report: dict[str, Any], directory: Path) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "train_throughput.json").write_text(json.dumps(report, indent=2) + "\n")
+    (directory / "train_throughput.md").write_text(train_markdown(report))

@@ -18,6 +18,7 @@ RESUMABLE_CHANGES = frozenset({
     "output_dir", "resume", "max_steps", "max_minutes", "log_every", "checkpoint_every", "keep_last", "log_with",
     "collective_timeout_s", "num_workers", "image_every", "sample_every", "sample_steps", "sample_images",
     "decode_steps", "tokenizer", "cpu", "max_nonfinite", "precision", "grad_accum", "channels_last",
+    "compile",
     "shards", "data", "perceptual_weights", "init_from", "init_encoder_from",  # paths: the checkpoint has the weights
 })
 

@@ -56,12 +56,17 @@ class EMA:
         device = next(iter(state.values())).device if state else None
         if device is not None and next(iter(self.shadow.values())).device != device:
             self.to(device)  # the model moved (e.g. `accelerator.prepare` after the EMA was built): follow it
+        # One multi-tensor kernel per operation over all averaged weights (the same arithmetic as a per-tensor
+        # `shadow.mul_(decay).add_(value, alpha=1 - decay)`, without a Python loop and a kernel launch per tensor).
+        averaged = [name for name in state if name in self._averaged]
+        shadows = [self.shadow[name] for name in averaged]
+        values = [state[name].detach().to(shadows[i].device, torch.float32) for i, name in enumerate(averaged)]
+        if shadows:
+            torch._foreach_mul_(shadows, self.decay)
+            torch._foreach_add_(shadows, values, alpha=1.0 - self.decay)
         for name, value in state.items():
-            shadow = self.shadow[name]
-            if name in self._averaged:
-                shadow.mul_(self.decay).add_(value.detach().to(shadow.device, torch.float32), alpha=1.0 - self.decay)
-            else:
-                shadow.copy_(value.detach())
+            if name not in self._averaged:
+                self.shadow[name].copy_(value.detach())
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:

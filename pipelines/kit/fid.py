@@ -16,22 +16,29 @@ Image references are reduced once to `mu`, `sigma` and up to `pr_max_images` fea
 whose name hashes source + split + resolution + feature network (+ image limit), so later runs skip them.
 The Fréchet distance is labelled after the network: "FID" for Inception-v3 only, "FD-EffNetL0" offline; the
 Inception Score likewise becomes "IS-EffNetL0" on EfficientNet logits.
+
+Under `accelerate launch` (`evaluate_fid(..., state=evaluation_state(device)[0])`) the batches of samples and of
+an uncached reference are dealt round-robin to the processes, and the main one adds their features up in batch
+order (`pipelines.kit.metrics.map_in_order`): the numbers of one process with the same batch size.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
 
-from pipelines.kit.metrics import (FeatureStats, build_feature_extractor, frechet_distance, inception_score,
-                                   load_statistics, precision_recall, to_uint8)
+from pipelines.kit.metrics import (FeatureStats, build_feature_extractor, dataset_batches, frechet_distance,
+                                   from_main, inception_score, load_statistics, map_in_order, precision_recall,
+                                   to_uint8)
 from pipelines.kit.precision import pick_device
 from pipelines.kit.sample_files import list_sample_images, temporary_path
 
@@ -147,8 +154,12 @@ def npz_images_shape(path: Path) -> tuple[int, ...]:
     return shape
 
 
-def _npz_batches(path: Path, batch_size: int, limit: int | None) -> Iterator[torch.Tensor]:
-    """Stream `arr_0` batch by batch from the zip member (a 50k×256² file is 9.8 GB: never loaded whole)."""
+BatchLoader = Callable[[], torch.Tensor]  # loads one uint8 batch (B, 3, H, W) when called
+
+
+def _npz_batches(path: Path, batch_size: int, limit: int | None) -> Iterator[BatchLoader]:
+    """Loaders of `arr_0`'s batches, read from the zip member on demand (a 50k×256² file is 9.8 GB: never loaded
+    whole; a process skips the batches it does not extract). Call them in order."""
     import zipfile
 
     shape = npz_images_shape(path)
@@ -156,26 +167,35 @@ def _npz_batches(path: Path, batch_size: int, limit: int | None) -> Iterator[tor
     per_image = int(np.prod(shape[1:]))
     with zipfile.ZipFile(path) as archive, archive.open("arr_0.npy") as member:
         _read_npy_header(member)
-        for start in range(0, count, batch_size):
-            n = min(batch_size, count - start)
+        data_start = member.tell()
+
+        def load(start: int, n: int) -> torch.Tensor:
+            member.seek(data_start + start * per_image)
             data = member.read(n * per_image)
             if len(data) != n * per_image:
                 raise ValueError(f"{path}: arr_0 is truncated")
-            yield torch.from_numpy(np.frombuffer(data, np.uint8).reshape(n, *shape[1:]).copy()).permute(0, 3, 1, 2)
+            return torch.from_numpy(np.frombuffer(data, np.uint8).reshape(n, *shape[1:]).copy()).permute(0, 3, 1, 2)
+
+        for start in range(0, count, batch_size):
+            yield functools.partial(load, start, min(batch_size, count - start))
 
 
-def _folder_batches(paths: list[Path], batch_size: int, resolution: int | None) -> Iterator[torch.Tensor]:
+def _load_folder_batch(paths: list[Path], resolution: int | None) -> torch.Tensor:
+    arrays = [_load_image(p, resolution) for p in paths]
+    shapes = {a.shape for a in arrays}
+    if len(shapes) > 1:
+        raise ValueError(f"images in {paths[0].parent} differ in size ({sorted(shapes)[:3]}); "
+                         "samples must share one resolution")
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)  # (B, 3, H, W) uint8
+
+
+def _folder_batches(paths: list[Path], batch_size: int, resolution: int | None) -> Iterator[BatchLoader]:
     for start in range(0, len(paths), batch_size):
-        arrays = [_load_image(p, resolution) for p in paths[start:start + batch_size]]
-        shapes = {a.shape for a in arrays}
-        if len(shapes) > 1:
-            raise ValueError(f"images in {paths[0].parent} differ in size ({sorted(shapes)[:3]}); "
-                             "samples must share one resolution")
-        yield torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)  # (B, 3, H, W) uint8
+        yield functools.partial(_load_folder_batch, paths[start:start + batch_size], resolution)
 
 
-def sample_batches(samples: str, batch_size: int) -> tuple[Iterator[torch.Tensor], int, int]:
-    """(uint8 batches, count, resolution) of a sample folder or ADM .npz."""
+def sample_batches(samples: str, batch_size: int) -> tuple[Iterator[BatchLoader], int, int]:
+    """(loaders of the uint8 batches, count, resolution) of a sample folder or ADM .npz."""
     path = Path(samples)
     if path.is_dir():
         files = list_sample_images(path)
@@ -196,21 +216,12 @@ def sample_batches(samples: str, batch_size: int) -> tuple[Iterator[torch.Tensor
 
 
 def _dataset_batches(source: str, split: str, resolution: int, batch_size: int, num_workers: int,
-                     limit: int | None) -> Iterator[torch.Tensor]:
-    from torch.utils.data import DataLoader, Subset
-
+                     limit: int | None, state=None) -> Iterator[BatchLoader]:
     from data.sources import build_image_dataset
 
     dataset = build_image_dataset(source, split=split, resolution=resolution, train=False)
-    if limit is not None and hasattr(dataset, "__len__"):
-        dataset = Subset(dataset, range(min(limit, len(dataset))))
-    seen = 0
-    for images, _labels in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers):
-        if limit is not None and seen >= limit:
-            break
-        images = images[: None if limit is None else limit - seen]
-        seen += images.shape[0]
-        yield to_uint8(images)  # [-1, 1] → uint8 as the samples were written
+    for _start, load in dataset_batches(dataset, batch_size, num_workers, limit, state):
+        yield lambda load=load: to_uint8(load())  # [-1, 1] → uint8 as the samples were written
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -229,23 +240,42 @@ class FeatureSet:
     logits: np.ndarray | None = None  # (count, K) for the Inception Score
 
 
-def extract_features(extractor, batches: Iterator[torch.Tensor], max_kept: int, keep_logits: bool) -> FeatureSet:
+def extract_features(extractor, batches: Iterable[BatchLoader], max_kept: int, keep_logits: bool, state=None,
+                     total: int | None = None, desc: str = "features") -> FeatureSet | None:
+    """The features of every batch (loaders, in order). With several processes (`state`), the batches are dealt
+    round-robin and their features gathered to the main process, which adds them up in batch order: the
+    statistics one process gives. Returns the set on the main process, None on the others."""
+    from tqdm.auto import tqdm
+
+    main = state is None or state.is_main_process
+    started = time.monotonic()
     stats: FeatureStats | None = None
     kept: list[np.ndarray] = []
     logits: list[np.ndarray] = []
-    for images in batches:
-        out = extractor(images)
-        pool = out["pool"]  # (B, D) float64
-        if stats is None:
-            stats = FeatureStats(pool.shape[1])
-        stats.update(pool)
-        room = max_kept - sum(len(k) for k in kept)
-        if room > 0:
-            kept.append(pool[:room].numpy().astype(np.float32))
-        if keep_logits:
-            logits.append(out["logits"].numpy())
+
+    def features(load: BatchLoader) -> dict[str, torch.Tensor]:
+        out = extractor(load())
+        return {"pool": out["pool"], "logits": out["logits"] if keep_logits else None}  # (B, D) float64, (B, K)
+
+    with tqdm(total=total, desc=desc, unit="img", disable=not main) as bar:
+        for out in map_in_order(features, batches, state):
+            pool = out["pool"]
+            if stats is None:
+                stats = FeatureStats(pool.shape[1])
+            stats.update(pool)
+            room = max_kept - sum(len(k) for k in kept)
+            if room > 0:
+                kept.append(pool[:room].numpy().astype(np.float32))
+            if keep_logits:
+                logits.append(out["logits"].numpy())
+            bar.update(pool.shape[0])
+    if not main:
+        return None
     if stats is None or stats.count < 2:
         raise ValueError("need at least 2 images for a Fréchet distance")
+    processes = 1 if state is None else state.num_processes
+    print(f"{desc}: {stats.count} images on {processes} process(es) in {time.monotonic() - started:.1f} s",
+          file=sys.stderr)
     mu, sigma = stats.mean_cov()
     return FeatureSet(mu, sigma, stats.count, np.concatenate(kept),
                       np.concatenate(logits) if keep_logits else None)
@@ -283,8 +313,10 @@ def _load_cached_reference(path: Path) -> FeatureSet:
         return FeatureSet(data["mu"], data["sigma"], int(data["count"]), data["features"])
 
 
-def reference_features(config: FIDConfig, extractor, resolution: int, dim: int) -> tuple[FeatureSet, list[str]]:
-    """Reference statistics (and features where images exist); cached for image references. (set, notes)"""
+def reference_features(config: FIDConfig, extractor, resolution: int, dim: int,
+                       state=None) -> tuple[FeatureSet | None, list[str]]:
+    """Reference statistics (and features where images exist); cached for image references. (set, notes); the
+    set is None on processes other than the main one of `state` (they help extract the features)."""
     path = Path(config.reference)
     notes: list[str] = []
     images_npz = False
@@ -298,7 +330,9 @@ def reference_features(config: FIDConfig, extractor, resolution: int, dim: int) 
                                  "not reference features")
                     return FeatureSet(mu, sigma, 0, None), notes
                 images = _cached_or_computed(config, extractor, resolution, _npz_batches(
-                    path, config.batch_size, config.reference_num_images))
+                    path, config.batch_size, config.reference_num_images), state)
+                if images is None:
+                    return None, notes
                 return FeatureSet(mu, sigma, images.count, images.features), notes  # stored stats, our features
             if "arr_0" not in keys:
                 raise ValueError(f"{path} holds {mu.shape[0]}-d statistics but the {config.features} network gives "
@@ -315,16 +349,19 @@ def reference_features(config: FIDConfig, extractor, resolution: int, dim: int) 
         batches = _folder_batches(files, config.batch_size, resolution)
     else:
         batches = _dataset_batches(config.reference, config.reference_split, resolution, config.batch_size,
-                                   config.num_workers, config.reference_num_images)
-    return _cached_or_computed(config, extractor, resolution, batches), notes
+                                   config.num_workers, config.reference_num_images, state)
+    return _cached_or_computed(config, extractor, resolution, batches, state), notes
 
 
-def _cached_or_computed(config: FIDConfig, extractor, resolution: int, batches: Iterator[torch.Tensor]) -> FeatureSet:
+def _cached_or_computed(config: FIDConfig, extractor, resolution: int, batches: Iterator[BatchLoader],
+                        state=None) -> FeatureSet | None:
+    main = state is None or state.is_main_process
     cache = reference_cache_path(config, resolution)
-    if config.use_cache and cache.is_file():
-        return _load_cached_reference(cache)
-    reference = extract_features(extractor, batches, config.pr_max_images, keep_logits=False)
-    if config.use_cache:
+    if from_main(state, config.use_cache and cache.is_file()):  # every process takes the main one's way
+        return _load_cached_reference(cache) if main else None
+    reference = extract_features(extractor, batches, config.pr_max_images, keep_logits=False, state=state,
+                                 desc="reference features")
+    if config.use_cache and main:
         _save_reference(cache, reference, reference_cache_key(config, resolution))
     return reference
 
@@ -344,15 +381,25 @@ def check_reference(reference: str) -> None:
         resolve_source(reference)
 
 
-def evaluate_fid(config: FIDConfig, extractor=None) -> FIDReport:
-    """FD (+ IS, precision/recall) of `config.samples` against `config.reference`; see the module docstring."""
+def evaluate_fid(config: FIDConfig, extractor=None, state=None) -> FIDReport | None:
+    """FD (+ IS, precision/recall) of `config.samples` against `config.reference`; see the module docstring.
+
+    state: accelerate's `PartialState` to split the feature extraction over its processes (`evaluation_state`;
+    every process must call), the same numbers as one process; the report on the main process, None on the
+    others. None: this process alone (what `sample_and_score` does on the main process).
+    """
     started = time.monotonic()
     batches, count, resolution = sample_batches(config.samples, config.batch_size)  # cheap checks first
     check_reference(config.reference)
     if extractor is None:  # missing Inception weights → MissingWeightsError naming the file, before any work
-        extractor = build_feature_extractor(config.features, config.feature_weights, device=pick_device(config.device))
-    samples = extract_features(extractor, batches, config.pr_max_images, keep_logits=True)
-    reference, notes = reference_features(config, extractor, resolution, samples.mu.shape[0])
+        device = pick_device(config.device) if state is None or state.num_processes == 1 else state.device
+        extractor = build_feature_extractor(config.features, config.feature_weights, device=device)
+    # The reference first: its checks (statistics of another network, no images) fail before any extraction.
+    reference, notes = reference_features(config, extractor, resolution, extractor.dim, state)
+    samples = extract_features(extractor, batches, config.pr_max_images, keep_logits=True, state=state,
+                               total=count, desc="sample features")
+    if samples is None:
+        return None
     is_label = "IS" if extractor.name == "FID" else "IS-" + extractor.name.removeprefix("FD-")
     report = FIDReport(
         samples=str(config.samples), reference=str(config.reference), feature_network=config.features,

@@ -23,21 +23,23 @@ if TYPE_CHECKING:
 
 
 
-def clip_gradients(accelerator: "Accelerator | None", parameters: Iterable[torch.Tensor], max_norm: float | None) -> float:
+def clip_gradients(accelerator: "Accelerator | None", parameters: Iterable[torch.Tensor],
+                   max_norm: float | None) -> torch.Tensor:
     """Clip the global gradient norm to `max_norm` (None or ≤0: only measure); returns the norm before clipping.
 
     With an accelerator it goes through `accelerator.clip_grad_norm_`, which unscales fp16 gradients first;
-    call it only when `accelerator.sync_gradients` (gradients are complete).
+    call it only when `accelerator.sync_gradients` (gradients are complete). The norm stays a 0-d tensor on the
+    gradients' device: reading it (`float(norm)`) waits for the GPU, so the loop does that on log steps only.
     """
     params = [p for p in parameters if p.grad is not None]
     if not params:
-        return 0.0
+        return torch.zeros(())
     limit = float(max_norm) if max_norm is not None and max_norm > 0 else math.inf
     if accelerator is not None:
         norm = accelerator.clip_grad_norm_(params, limit)
     else:
         norm = torch.nn.utils.clip_grad_norm_(params, limit)
-    return float(norm)
+    return norm.detach() if isinstance(norm, torch.Tensor) else torch.as_tensor(float(norm))
 
 
 class NonFiniteLossError(RuntimeError):
@@ -168,6 +170,24 @@ class LoopPlan:
     max_minutes: float | None = None  # also stop (and save) after this much wall time
 
 
+def plan_of(config) -> LoopPlan:
+    """The loop plan of a trainer's sectioned config (`optim.max_steps`, `run.log_every` / `checkpoint_every` /
+    `max_minutes`)."""
+    return LoopPlan(config.optim.max_steps, config.run.log_every, config.run.checkpoint_every, config.run.max_minutes)
+
+
+def open_metrics_log(accelerator: "Accelerator", config, description: str, start_step: int) -> "MetricsLogger":
+    """`<output_dir>/metrics.jsonl` + progress bar (+ the accelerate trackers when `run.log_with` is set)."""
+    from pathlib import Path
+
+    from pipelines.kit.logging import MetricsLogger
+
+    return MetricsLogger(Path(config.run.output_dir) / "metrics.jsonl", accelerator=accelerator,
+                         total_steps=config.optim.max_steps, initial_step=start_step, description=description,
+                         tracker_project=description if config.run.log_with else None,
+                         tracker_config=config.to_dict())
+
+
 @dataclass
 class LoopResult:
     step: int
@@ -214,7 +234,7 @@ def run_training_loop(
     started = time.monotonic()
     window_start, window_samples, window_steps = time.monotonic(), 0, 0
     last_checkpoint_step = step if resumed else -1
-    grad_norms = {network.name: 0.0 for network in networks}
+    grad_norms: dict[str, torch.Tensor | float] = {network.name: 0.0 for network in networks}  # read on log steps
     stopped_by_clock = False
     batch_iterator = iter(batches)
     while step < plan.max_steps:
@@ -255,9 +275,9 @@ def run_training_loop(
             elapsed = max(time.monotonic() - window_start, 1e-9)
             record = {name: mean_over_ranks(accelerator, value) for name, value in output.scalars.items()}
             if len(networks) == 1:
-                record["grad_norm"] = grad_norms[networks[0].name]
+                record["grad_norm"] = float(grad_norms[networks[0].name])
             else:
-                record.update({f"grad_norm_{name}": norm for name, norm in grad_norms.items()})
+                record.update({f"grad_norm_{name}": float(norm) for name, norm in grad_norms.items()})
             record["lr"] = networks[0].scheduler.get_last_lr()[0]
             record.update({"steps_per_s": window_steps / elapsed, throughput_name: window_samples / elapsed,
                            "nonfinite_skipped": guard.total_skipped})

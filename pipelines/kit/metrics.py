@@ -17,7 +17,7 @@ import sys
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -307,6 +307,98 @@ def precision_recall(
     return precision, recall
 
 
+# ------------------------------------------------------------------------------ evaluation on many processes
+
+
+def evaluation_state(device: str | None):
+    """accelerate's `PartialState` of an evaluation job and this process's device: the one named in the config
+    with one process (`pick_device`), accelerate's with several (one GPU per rank; "cpu" puts every rank, and
+    gloo, on the CPU)."""
+    from accelerate import PartialState
+
+    from pipelines.kit.precision import pick_device
+
+    state = PartialState(cpu=device == "cpu")
+    return state, (pick_device(device) if state.num_processes == 1 else state.device)
+
+
+def _world(state) -> tuple[int, int]:
+    return (0, 1) if state is None else (state.process_index, state.num_processes)
+
+
+def from_main(state, value):
+    """The main process's `value` on every process (a decision all ranks must take the same way)."""
+    if _world(state)[1] == 1:
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def map_in_order(function: Callable, items: Iterable, state=None) -> Iterator:
+    """`function(item)` for every item, split round-robin over the processes of `state` (item i on rank
+    i % world); the results are gathered to the main process and yielded there in item order (other ranks yield
+    nothing but must iterate too). `items` must be the same sequence on every rank and cheap to produce (index
+    ranges, loaders not yet called): only each rank's own items are passed to `function`. With one process
+    (`state` None or world 1) it is a plain map, so the main process sees the same results, in the same order,
+    whatever the number of processes.
+    """
+    rank, world = _world(state)
+    if world == 1:
+        yield from map(function, items)
+        return
+    import torch.distributed as dist
+
+    mine, index = None, -1
+    for index, item in enumerate(items):
+        if index % world == rank:
+            mine = (function(item),)  # a 1-tuple: None is a result too
+        if index % world == world - 1:
+            yield from _gather_round(dist, mine, rank, world)
+            mine = None
+    if index % world != world - 1:  # a last, partial round
+        yield from _gather_round(dist, mine, rank, world)
+
+
+def dataset_batches(dataset, batch_size: int, num_workers: int, limit: int | None = None,
+                    state=None) -> Iterator[tuple[int, Callable[[], torch.Tensor]]]:
+    """(first index, loader of the images) of every batch of `batch_size` consecutive items of a
+    `data.sources` dataset (cut at `limit`), the same sequence on every process, for `map_in_order`.
+
+    A map-style dataset is read by one DataLoader per process over its own batches (dealt round-robin as
+    `map_in_order` deals them), so no process decodes another's images; a stream (webdataset shards) is read whole
+    by every process, which keeps its order.
+    """
+    from torch.utils.data import DataLoader
+
+    if hasattr(dataset, "__len__"):
+        rank, world = _world(state)
+        count = len(dataset) if limit is None else min(limit, len(dataset))
+        starts = range(0, count, batch_size)
+        own = iter(DataLoader(dataset, num_workers=num_workers, batch_sampler=[
+            list(range(start, min(start + batch_size, count))) for start in starts[rank::world]]))
+        for start in starts:
+            yield start, lambda: next(own)[0]
+        return
+    seen = 0
+    for images, _labels in DataLoader(dataset, batch_size=batch_size, num_workers=num_workers):
+        images = images[: None if limit is None else limit - seen]
+        if len(images) == 0:
+            return
+        yield seen, (lambda batch=images: batch)
+        seen += len(images)
+
+
+def _gather_round(dist, mine, rank: int, world: int) -> Iterator:
+    received = [None] * world if rank == 0 else None
+    dist.gather_object(mine, received, dst=0)
+    for result in received or ():
+        if result is not None:
+            yield result[0]
+
+
 # ----------------------------------------------------------------------------------------- feature networks
 
 
@@ -343,6 +435,7 @@ class InceptionFeatures:
     original IS code multiplies without the bias). Resizes to 299 with TF1-compatible bilinear inside."""
 
     name = "FID"
+    dim = 2048  # of the pool features: what reference statistics are checked against before any extraction
 
     def __init__(self, weights_path: str | os.PathLike | None = None, device: torch.device | str = "cpu"):
         path = resolve_weights_file(INCEPTION_FILE, weights_path, "FID needs Inception-v3 weights", _inception_how_to)
@@ -368,6 +461,7 @@ class EffNetFeatures:
     is only changed by tests that need speed over comparability."""
 
     name = "FD-EffNetL0"
+    dim = 1280
 
     def __init__(
         self, weights_path: str | os.PathLike | None = None, device: torch.device | str = "cpu", size: int = 224
@@ -415,10 +509,13 @@ __all__ = [
     "MissingWeightsError",
     "build_feature_extractor",
     "compute_statistics",
+    "dataset_batches",
+    "evaluation_state",
     "frechet_distance",
     "frechet_distance_of_features",
     "inception_score",
     "load_statistics",
+    "map_in_order",
     "precision_recall",
     "psnr",
     "save_statistics",

@@ -14,7 +14,7 @@ one deterministic pass, so its sweep collapses to the single setting `DecodeSett
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import torch
@@ -56,14 +56,59 @@ class ReconstructionResult:
 
 
 @dataclass
-class _Scores:
-    """Per-image scores of one setting, gathered batch by batch."""
+class SettingScores:
+    """Per-image scores of one batch under one decode setting."""
 
-    psnr: list[torch.Tensor] = field(default_factory=list)
-    ssim: list[torch.Tensor] = field(default_factory=list)
-    perceptual: list[torch.Tensor] = field(default_factory=list)
-    features: FeatureStats | None = None
-    seconds: float = 0.0
+    psnr: torch.Tensor  # (B,) float64
+    ssim: torch.Tensor  # (B,) float64
+    perceptual: torch.Tensor | None  # (B,) float32, None without a perceptual network
+    features: torch.Tensor  # (B, D) float64 on the CPU: the reconstructions' features
+    seconds: float  # decoding alone
+
+
+@dataclass
+class BatchScores:
+    """What `score_batch` measures on one batch of consecutive images: small CPU tensors, so a process can send
+    them to the main one, which adds them up in image order (`ScoreTotals`)."""
+
+    num_images: int
+    real: torch.Tensor | None  # (B, D) float64 features of the inputs; None when they were known already
+    settings: list[SettingScores]  # in the order of `decode_settings`
+
+
+class ScoreTotals:
+    """Adds up `BatchScores` in image order: per-image scores kept, features reduced to `FeatureStats` batch by
+    batch, so the numbers depend on the batches' contents and order only, not on which process scored them."""
+
+    def __init__(self, settings: Sequence[DecodeSetting], real: FeatureStats | None = None):
+        self.settings = list(settings)
+        self.real, self.known_real = real, real is not None
+        self.seen = 0
+        self._scores: list[list[SettingScores]] = [[] for _ in self.settings]
+        self._features: list[FeatureStats | None] = [None for _ in self.settings]
+
+    def add(self, batch: BatchScores) -> None:
+        if not self.known_real:
+            self.real = _accumulate(self.real, batch.real)
+        for index, scores in enumerate(batch.settings):
+            self._scores[index].append(scores)
+            self._features[index] = _accumulate(self._features[index], scores.features)
+        self.seen += batch.num_images
+
+    def result(self, source: str = "the evaluation data") -> ReconstructionResult:
+        """Means and rFD of every setting; `source` names the data in the error raised for fewer than 2 images."""
+        if self.seen < 2:
+            raise ValueError(f"{source} has {self.seen} image(s); a Fréchet distance needs at least 2")
+        metrics = []
+        for setting, scores, features in zip(self.settings, self._scores, self._features):
+            perceptual = [s.perceptual for s in scores if s.perceptual is not None]
+            metrics.append(DecodeMetrics(
+                setting=setting, psnr=float(torch.cat([s.psnr for s in scores]).mean()),
+                ssim=float(torch.cat([s.ssim for s in scores]).mean()),
+                perceptual=float(torch.cat(perceptual).mean()) if perceptual else None,
+                rfd=frechet_distance_of_features(self.real, features), num_images=self.seen,
+                decode_seconds=sum(s.seconds for s in scores)))
+        return ReconstructionResult(real=self.real, metrics=metrics)
 
 
 def synchronize(device: torch.device | str) -> None:
@@ -96,6 +141,33 @@ def reconstruct(tokenizer, images: torch.Tensor, setting: DecodeSetting = Decode
 
 
 @torch.no_grad()
+def score_batch(tokenizer, images: torch.Tensor, first_index: int, settings: Sequence[DecodeSetting], extractor,
+                perceptual=None, *, device: torch.device | str, precision: str = "auto", seed: int = 0,
+                with_real: bool = True) -> BatchScores:
+    """Encode `images` (B, 3, H, W) in [-1, 1] (image `first_index` first) once, decode them under each of
+    `settings` (already `decode_settings`) and score every image; see `evaluate_reconstructions`."""
+    device = torch.device(device)
+    images = images.to(device)  # (B, 3, H, W) in [-1, 1]
+    real_u8 = to_uint8(images)
+    real = extractor(real_u8)["pool"] if with_real else None  # (B, D) float64
+    with autocast(device, precision):
+        z = tokenizer.encode(images, sample=False)
+    measured = []
+    for setting in settings:
+        synchronize(device)
+        started = time.perf_counter()
+        with autocast(device, precision):
+            recon = decode(tokenizer, z, setting, first_index, seed)
+        synchronize(device)
+        seconds = time.perf_counter() - started
+        recon_u8 = to_uint8(recon.float())
+        distance = None if perceptual is None else \
+            perceptual(recon_u8.float() / 127.5 - 1, real_u8.float() / 127.5 - 1).float().cpu()
+        measured.append(SettingScores(psnr=psnr(real_u8, recon_u8).cpu(), ssim=ssim(real_u8, recon_u8).cpu(),
+                                      perceptual=distance, features=extractor(recon_u8)["pool"], seconds=seconds))
+    return BatchScores(num_images=images.shape[0], real=real, settings=measured)
+
+
 def evaluate_reconstructions(
     tokenizer,
     batches: Iterable[torch.Tensor],
@@ -118,45 +190,17 @@ def evaluate_reconstructions(
     real: the inputs' features from an earlier call on the same images (skips extracting them again).
     max_images: stop before the next batch once this many images were scored (streaming sources; map-style
     callers pass a subset instead). `source` names the data in the error raised for fewer than 2 images.
+    Several processes: `pipelines.evaluate` scores batches with `score_batch` on each and adds them up in
+    image order on the main one (`ScoreTotals`), which gives the numbers of this one-process loop.
     """
-    device = torch.device(device)
     settings = decode_settings(tokenizer, settings)
-    scores = {setting: _Scores() for setting in settings}
-    known_real = real is not None
-    seen = 0
+    totals = ScoreTotals(settings, real)
     for images in batches:
-        if max_images is not None and seen >= max_images:
+        if max_images is not None and totals.seen >= max_images:
             break
-        images = images.to(device)  # (B, 3, H, W) in [-1, 1]
-        real_u8 = to_uint8(images)
-        if not known_real:
-            real = _accumulate(real, extractor(real_u8)["pool"])
-        with autocast(device, precision):
-            z = tokenizer.encode(images, sample=False)
-        for setting in settings:
-            synchronize(device)
-            started = time.perf_counter()
-            with autocast(device, precision):
-                recon = decode(tokenizer, z, setting, seen, seed)
-            synchronize(device)
-            score = scores[setting]
-            score.seconds += time.perf_counter() - started
-            recon_u8 = to_uint8(recon.float())
-            score.psnr.append(psnr(real_u8, recon_u8))
-            score.ssim.append(ssim(real_u8, recon_u8))
-            if perceptual is not None:
-                score.perceptual.append(perceptual(recon_u8.float() / 127.5 - 1, real_u8.float() / 127.5 - 1)
-                                        .float().cpu())
-            score.features = _accumulate(score.features, extractor(recon_u8)["pool"])
-        seen += images.shape[0]
-    if seen < 2:
-        raise ValueError(f"{source} has {seen} image(s); a Fréchet distance needs at least 2")
-    metrics = [DecodeMetrics(
-        setting=setting, psnr=float(torch.cat(score.psnr).mean()), ssim=float(torch.cat(score.ssim).mean()),
-        perceptual=float(torch.cat(score.perceptual).mean()) if score.perceptual else None,
-        rfd=frechet_distance_of_features(real, score.features), num_images=seen, decode_seconds=score.seconds,
-    ) for setting, score in scores.items()]
-    return ReconstructionResult(real=real, metrics=metrics)
+        totals.add(score_batch(tokenizer, images, totals.seen, settings, extractor, perceptual, device=device,
+                               precision=precision, seed=seed, with_real=real is None))
+    return totals.result(source)
 
 
 def _accumulate(stats: FeatureStats | None, features: torch.Tensor) -> FeatureStats:

@@ -46,6 +46,7 @@ class RunConfig:
     cpu: bool = False  # force CPU even where a GPU is visible (tests, CPU-only `accelerate launch`)
     max_minutes: float | None = None  # stop (and save) after this much wall time
     max_nonfinite: int = 10  # consecutive non-finite losses (steps skipped) before the run stops
+    compile: bool = False  # torch.compile the networks (inductor; the first steps compile, later ones run faster)
 
     def __post_init__(self) -> None:
         require_at_least(self, 1, "checkpoint_every", "keep_last", "log_every")
