@@ -94,6 +94,7 @@ def build_parser() -> ArgumentParser:
                          help="weights file of the training perceptual loss (lpips-vgg in the full profile)")
     studies.add_argument("--threads", type=int, default=None,
                          help="CPU threads for torch (1 is faster than 2 on a CPU other jobs are using)")
+    add_cpu_argument(studies)
     return parser
 
 
@@ -118,7 +119,8 @@ def main(argv=None) -> None:
         from pipelines.experiments.tokenizer_studies import run_studies
 
         run_studies(namespace.study, namespace.profile, namespace.output_dir, data=namespace.data,
-                    perceptual_weights=namespace.perceptual_weights, threads=namespace.threads)
+                    perceptual_weights=namespace.perceptual_weights, threads=namespace.threads,
+                    cpu=bool(getattr(namespace, "cpu", False)))
         return
     args = vars(namespace)
     args.pop("command")

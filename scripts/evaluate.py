@@ -99,6 +99,17 @@ def _device_and_output(args, name: str) -> dict:
     return extra
 
 
+def _print_and_record(report, config, args, command: str) -> None:
+    """On the main process (`report` is None on the others under accelerate launch): print the table and record
+    the effective config beside the report."""
+    if report is None:
+        return
+    print(report.markdown(), end="")
+    if config.output:
+        write_effective_config(args.output_dir, config_dict(config), f"scripts/evaluate.py {command}")
+        print(f"wrote {config.output} and {config.output.rsplit('.', 1)[0]}.md")
+
+
 def main(argv=None) -> None:
     from pipelines.evaluate import ReconstructionEvalConfig, evaluate_reconstruction
 
@@ -107,13 +118,7 @@ def main(argv=None) -> None:
         if "tokenizer" not in vars(args):
             raise ValueError("recon needs --tokenizer DIR (a save_pretrained directory)")
         config = config_from_arguments(ReconstructionEvalConfig, args, **_device_and_output(args, "recon"))
-        report = evaluate_reconstruction(config)
-        if report is None:  # another process than the main one under accelerate launch
-            return
-        print(report.markdown(), end="")
-        if config.output:
-            write_effective_config(args.output_dir, config_dict(config), "scripts/evaluate.py recon")
-            print(f"wrote {config.output} and {config.output.rsplit('.', 1)[0]}.md")
+        _print_and_record(evaluate_reconstruction(config), config, args, "recon")
     elif args.command == "fid":
         from pipelines.kit.fid import FIDConfig, evaluate_fid
         from pipelines.kit.metrics import evaluation_state
@@ -122,13 +127,7 @@ def main(argv=None) -> None:
         if missing:
             raise ValueError(f"fid needs {' and '.join('--' + m for m in missing)}")
         config = config_from_arguments(FIDConfig, args, **_device_and_output(args, "fid"))
-        report = evaluate_fid(config, state=evaluation_state(config.device)[0])
-        if report is None:  # another process than the main one under accelerate launch
-            return
-        print(report.markdown(), end="")
-        if config.output:
-            write_effective_config(args.output_dir, config_dict(config), "scripts/evaluate.py fid")
-            print(f"wrote {config.output} and {config.output.rsplit('.', 1)[0]}.md")
+        _print_and_record(evaluate_fid(config, state=evaluation_state(config.device)[0]), config, args, "fid")
     elif args.command == "pipeline":
         from pipelines.kit.fid import FIDConfig
         from pipelines.sample import SampleConfig, sample_and_score

@@ -12,6 +12,7 @@ as do the one-process references, so kernels reduce in the same order and result
 | train_tokenizer.py | a run resumed with another process count | loads and finishes (checkpoints hold every rank's RNG) |
 | train_generator.py | losses of the same global batch size | finite, within 30%: each rank draws its own noise and time |
 | evaluate.py recon / fid / pipeline | the reports | none (tests/test_evaluate_distributed.py and here) |
+| benchmark.py tokenizer (studies) | each run's rFD | 5%: as training, per-rank noise |
 """
 from __future__ import annotations
 
@@ -175,3 +176,19 @@ def test_pipeline_evaluation_two_processes_scores_like_one(models, tmp_path):
     for report in (one, two):
         report.pop("seconds"), report.pop("samples")  # wall time and the folder differ, nothing else
     assert one["num_samples"] == 6 and one == two
+
+
+def test_a_study_runs_on_two_processes_with_rank_zero_reporting(tmp_path):
+    """The micro γ study: the other rank joins training only; rank 0 evaluates and writes one report. rFD within
+    5%: each rank draws its own noise and time (as in training), so the trained weights differ slightly."""
+    args = ["tokenizer", "--study", "gamma", "--profile", "micro", "--cpu"]
+    _run("benchmark.py", [*args, "--output-dir", tmp_path / "one"], 1)
+    done = _run("benchmark.py", [*args, "--output-dir", tmp_path / "two"], 2)
+    assert done.stdout.count("wrote") == 1
+    one = json.loads((tmp_path / "one" / "gamma" / "results.json").read_text())["runs"]
+    two = json.loads((tmp_path / "two" / "gamma" / "results.json").read_text())["runs"]
+    assert [r["name"] for r in one] == [r["name"] for r in two]
+    for first, second in zip(one, two):
+        assert first["training"]["steps"] == second["training"]["steps"]
+        np.testing.assert_allclose([e["rfd"] for e in second["evaluations"]], [e["rfd"] for e in first["evaluations"]],
+                                   rtol=0.05)

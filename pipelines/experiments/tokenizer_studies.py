@@ -95,6 +95,9 @@ class StudyProfile:
     num_workers: int = 0
     log_every: int = 10
     seed: int = 0
+    # Force the CPU (gloo when several processes run under `accelerate launch --multi_gpu`): a CPU machine needs
+    # it set before the first process group is made, or each process runs alone.
+    cpu: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -431,12 +434,13 @@ def _train_config(spec: RunSpec, profile: StudyProfile, run_dir: Path, data: str
         perceptual_weight=spec.perceptual_weight, adversarial_weight=spec.adversarial_weight,
         disc_start=profile.disc_start, precision=profile.precision, seed=profile.seed,
         checkpoint_every=profile.checkpoint_every, keep_last=1, log_every=profile.log_every, image_every=10**9,
-        resume="auto")
+        resume="auto", cpu=profile.cpu)
 
 
 def _spec_record(spec: RunSpec, train_config) -> dict[str, Any]:
     """What must match for a stored run to be reused (paths and the time cap may change between calls)."""
-    settings = {k: v for k, v in train_config.to_flat().items() if k not in ("output_dir", "init_from", "max_minutes")}
+    settings = {k: v for k, v in train_config.to_flat().items()
+                if k not in ("output_dir", "init_from", "max_minutes", "cpu")}
     return json.loads(json.dumps({"run": spec.to_dict(), "training": settings}))
 
 
@@ -586,7 +590,7 @@ class Study:
 
 
 def run_study(study: str, profile: str | StudyProfile = "quick", out: str | Path = "runs/bench",
-              data: str = "offline", perceptual_weights: str | None = None) -> dict[str, Any]:
+              data: str = "offline", perceptual_weights: str | None = None, cpu: bool = False) -> dict[str, Any]:
     """Run (or resume) `study` and write `<out>/<study>/results.json`, `results.md` and its PNG plots."""
     from accelerate import PartialState
 
@@ -598,12 +602,17 @@ def run_study(study: str, profile: str | StudyProfile = "quick", out: str | Path
         profile_name, profile = profile, PROFILES[profile]
     else:
         profile_name = "custom"
+    if cpu:
+        profile = dataclasses.replace(profile, cpu=True)
     entry = STUDIES[study]
     study_dir = Path(out) / study
     runs = entry.build_runs(profile)
     budget = profile.train_share * profile.study_minutes if profile.study_minutes else None
     total_trained = len({spec.training_key() for spec in runs})
-    state = PartialState()
+    state = PartialState(cpu=profile.cpu)
+    if profile.convergence_every and state.num_processes > 1:
+        raise ValueError("a profile that trains until rFD settles (convergence_every) runs on one process: rank 0 "
+                         "decides when to stop; launch it without accelerate")
     evaluator: list[StudyEvaluator] = []
 
     def evaluator_factory() -> StudyEvaluator:
@@ -941,7 +950,7 @@ EfficientNet-Lite0 features, **not FID**){feature_note}, PSNR, SSIM and the EffN
 
 
 def run_studies(names: str | list[str], profile: str = "quick", out: str | Path = "runs/bench", data: str = "offline",
-                perceptual_weights: str | None = None, threads: int | None = None) -> dict[str, Any]:
+                perceptual_weights: str | None = None, threads: int | None = None, cpu: bool = False) -> dict[str, Any]:
     """Run one study, several, or "all" in turn; returns {study: report}."""
     if names == "all":
         names = list(STUDIES)
@@ -949,4 +958,5 @@ def run_studies(names: str | list[str], profile: str = "quick", out: str | Path 
         names = [names]
     if threads:
         torch.set_num_threads(threads)
-    return {name: run_study(name, profile, out, data=data, perceptual_weights=perceptual_weights) for name in names}
+    return {name: run_study(name, profile, out, data=data, perceptual_weights=perceptual_weights, cpu=cpu)
+            for name in names}
