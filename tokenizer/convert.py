@@ -35,7 +35,6 @@ Key map, diffusers → ours (`diffusers_key_map`; R = layers_per_block, our `dow
 """
 from __future__ import annotations
 
-import json
 import re
 import warnings
 from dataclasses import dataclass
@@ -219,16 +218,9 @@ def resolve_diffusers_folder(folder_or_hub_id: str | Path, subfolder: str | None
 
 
 def read_diffusers_config(folder: Path) -> dict[str, Any]:
-    path = folder / DIFFUSERS_CONFIG_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"no {DIFFUSERS_CONFIG_NAME} in diffusers VAE folder {folder}")
-    try:
-        values = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"corrupt {path}: {error}") from None
-    if not isinstance(values, dict):
-        raise ValueError(f"corrupt {path}: expected a JSON object")
-    return values
+    from tokenizer.pretrained import read_json_object
+
+    return read_json_object(folder / DIFFUSERS_CONFIG_NAME, "a diffusers VAE folder")
 
 
 def check_diffusers_config(values: Mapping[str, Any], config: EncoderConfig, source: str) -> None:

@@ -56,20 +56,26 @@ def resolve_model_dir(name_or_path: str | os.PathLike, what: str = "model",
     return root / subfolder if subfolder else root
 
 
-def read_config(directory: Path, model_types: Mapping[str, str]) -> tuple[str, dict[str, Any]]:
-    """Read and check `config.json`; returns (model_type, config fields without the bookkeeping keys).
-
-    model_types: the accepted `model_type` values → the class name to suggest in the error for another one.
-    """
-    path = directory / CONFIG_NAME
+def read_json_object(path: Path, holder: str) -> dict[str, Any]:
+    """A folder's JSON config as a dict; one-line errors for a missing, unparsable or non-object file."""
     if not path.is_file():
-        raise FileNotFoundError(f"{str(path)!r} is missing; a model folder needs {CONFIG_NAME}")
+        raise FileNotFoundError(f"{str(path)!r} is missing; {holder} needs {path.name}")
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{str(path)!r} is not valid JSON ({error})") from None
     if not isinstance(data, dict):
         raise ValueError(f"{str(path)!r} must hold a JSON object")
+    return data
+
+
+def read_config(directory: Path, model_types: Mapping[str, str]) -> tuple[str, dict[str, Any]]:
+    """Read and check `config.json`; returns (model_type, config fields without the bookkeeping keys).
+
+    model_types: the accepted `model_type` values → the class name to suggest in the error for another one.
+    """
+    path = directory / CONFIG_NAME
+    data = read_json_object(path, "a model folder")
     data.pop("_class_name", None)
     model_type = data.pop("model_type", None)
     version = data.pop("format_version", 1)  # DiT folders of format 1 wrote no version
