@@ -30,7 +30,7 @@ import torch
 
 from generator.dit import load_config
 from pipelines.kit.fid import FIDConfig, check_reference, evaluate_fid, write_report
-from pipelines.kit.generation import GenerationPipeline, make_generators, read_provenance
+from pipelines.kit.generation import GenerationPipeline, class_ids, make_generators, read_provenance
 from pipelines.kit.metrics import build_feature_extractor
 from pipelines.kit.precision import check_precision
 from pipelines.kit.sample_files import (SAMPLE_NAME, png_is_complete, sample_filename, temporary_path,
@@ -95,20 +95,7 @@ def parse_classes(text: str, num_classes: int, class_names: Sequence[str] | None
     text = text.strip()
     if text == "all":
         return list(range(num_classes))
-    by_name = {name: index for index, name in enumerate(class_names or [])}
-    classes = []
-    for token in (t.strip() for t in text.split(",")):
-        if token in by_name:
-            classes.append(by_name[token])
-            continue
-        try:
-            value = int(token)
-        except ValueError:
-            known = f" or one of the names {list(by_name)[:5]}…" if by_name else ""
-            raise ValueError(f"unknown class {token!r}: expected an id in [0, {num_classes}){known}") from None
-        if not 0 <= value < num_classes:
-            raise ValueError(f"class {value} is out of range: the generator has classes 0..{num_classes - 1}")
-        classes.append(value)
+    classes = class_ids(text.split(","), num_classes, class_names)
     if not classes:
         raise ValueError("--classes is empty")
     return classes

@@ -209,6 +209,27 @@ def check_compatible(
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def class_ids(items: Sequence[int | str], num_classes: int, class_names: Sequence[str] | None = None) -> list[int]:
+    """Class ids from ids and/or class names (the CLI's `--classes` and the pipeline's `classes`); one-line
+    errors for an unknown name or an id out of range."""
+    by_name = {name: index for index, name in enumerate(class_names or [])}
+    ids = []
+    for item in items:
+        token = item.strip() if isinstance(item, str) else item
+        if token in by_name:
+            ids.append(by_name[token])
+            continue
+        try:
+            value = int(token)
+        except (TypeError, ValueError):
+            known = f" or one of the names {list(by_name)[:5]}…" if by_name else ""
+            raise ValueError(f"unknown class {token!r}: expected an id in [0, {num_classes}){known}") from None
+        if not 0 <= value < num_classes:
+            raise ValueError(f"class {value} is out of range: the generator has classes 0..{num_classes - 1}")
+        ids.append(value)
+    return ids
+
+
 GeneratorSpec = int | torch.Generator | Sequence[torch.Generator] | None
 
 
@@ -295,19 +316,7 @@ class GenerationPipeline:
     def class_ids(self, classes: int | str | Sequence[int | str]) -> list[int]:
         """Class ids from ids and/or names (names need the folder's class names); one-line error otherwise."""
         items = [classes] if isinstance(classes, (int, str)) else list(classes)
-        ids = []
-        for item in items:
-            if isinstance(item, str) and not item.strip().lstrip("-").isdigit():
-                if not self.class_names or item not in self.class_names:
-                    known = f"; known: {self.class_names[:5]}..." if self.class_names else " (this model has none)"
-                    raise ValueError(f"unknown class name {item!r}{known}")
-                ids.append(self.class_names.index(item))
-            else:
-                ids.append(int(item))
-        bad = [i for i in ids if not 0 <= i < self.num_classes]
-        if bad:
-            raise ValueError(f"class ids must be in [0, {self.num_classes}), got {bad[:5]}")
-        return ids
+        return class_ids(items, self.num_classes, self.class_names)
 
     @torch.no_grad()
     def sample_latents(
