@@ -371,9 +371,7 @@ class DiT(nn.Module):
         """
         directory = pretrained.resolve_model_dir(name_or_path, "DiT")
         model = cls(load_config(directory))
-        if use_ema is False and (directory / pretrained.LEGACY_EMA_WEIGHTS_NAME).is_file():
-            weights = "raw"
-        pretrained.load_weights(model, directory, weights)
+        pretrained.load_weights(model, directory, pretrained.weights_choice(directory, weights, use_ema))
         return pretrained.place(model, device, dtype)
 
 

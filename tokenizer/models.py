@@ -285,14 +285,8 @@ class _Tokenizer(nn.Module):
             raise ValueError(f"config.json in {str(directory)!r} does not describe a {cls.__name__}: {error}") \
                 from None
         model = cls(config)
-        pretrained.load_weights(model, directory, _weights_choice(directory, weights, use_ema))
+        pretrained.load_weights(model, directory, pretrained.weights_choice(directory, weights, use_ema))
         return pretrained.place(model, device, dtype)
-
-
-def _weights_choice(directory: Path, weights: str, use_ema: bool | None) -> str:
-    if use_ema is None or use_ema:
-        return weights
-    return "raw" if (directory / pretrained.LEGACY_EMA_WEIGHTS_NAME).is_file() else weights
 
 
 # ------------------------------------------------------------------------------------------------------- models
@@ -424,4 +418,4 @@ def weights_fingerprint(name_or_path: str | Path, use_ema: bool | None = None, w
     """sha256 of the weights `load_tokenizer(name_or_path, ...)` reads: how manifests, generators and sample
     folders name the tokenizer their latents came from."""
     directory = pretrained.resolve_model_dir(name_or_path)
-    return pretrained.weights_fingerprint(directory, _weights_choice(directory, weights, use_ema))
+    return pretrained.weights_fingerprint(directory, pretrained.weights_choice(directory, weights, use_ema))

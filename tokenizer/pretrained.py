@@ -102,6 +102,14 @@ def weights_file(directory: str | os.PathLike, weights: str = "ema") -> Path:
                             "EMA weights only: load it with weights='ema'")
 
 
+def weights_choice(directory: Path, weights: str, use_ema: bool | None) -> str:
+    """`weights`, or what format 1's `use_ema` flag meant: False loaded model.safetensors, which held the raw
+    weights in folders that also had an ema.safetensors copy."""
+    if use_ema is None or use_ema:
+        return weights
+    return "raw" if (Path(directory) / LEGACY_EMA_WEIGHTS_NAME).is_file() else weights
+
+
 def weights_fingerprint(directory: str | os.PathLike, weights: str = "ema") -> str:
     """sha256 (hex) of the weights file `weights_file` picks: how manifests and generators name a tokenizer."""
     import hashlib
