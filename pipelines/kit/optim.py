@@ -39,7 +39,7 @@ class TrainingOptimConfig:
     lr: float = 1e-4  # Adam learning rate (after warm-up)
     adam_betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int = 0  # linear learning-rate warm-up steps
-    max_steps: int = 1_000_000  # paper C.3 trains its DiTs for 1M steps (DiT's own default was 400k)
+    max_steps: int = 1_000_000  # optimiser updates; the paper trains its tokenizers (C.2) and DiTs (C.3) 1M steps
     grad_accum: int = 1  # micro-batches accumulated per optimiser step
     grad_clip: float | None = None  # None: measure the norm only
     ema_decay: float = 0.9999  # EMA decay of the weights saved as the model
