@@ -90,7 +90,19 @@ def _report(error: BaseException) -> None:
     if tqdm_module is not None:
         for bar in list(getattr(tqdm_module.tqdm, "_instances", ())):
             bar.close()
-    print(f"error: {one_line(error)}", file=sys.stderr)
+    _write_line(f"error: {one_line(error)}")
+
+
+def _write_line(text: str) -> None:
+    """One write of the whole line: under `accelerate launch` every rank shares the launcher's stderr, and a line
+    printed in pieces can interleave with another rank's (two errors fused into one line)."""
+    sys.stderr.flush()
+    try:
+        descriptor = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # a captured stream (pytest, notebooks) has no descriptor
+        print(text, file=sys.stderr)
+        return
+    os.write(descriptor, (text + "\n").encode("utf-8", "replace"))
 
 
 def run_main(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> int:
@@ -108,7 +120,7 @@ def run_main(main: Callable[[Sequence[str] | None], object], argv: Sequence[str]
         _report(error)
         return RUN_FAILURE_EXIT_CODE
     except KeyboardInterrupt:
-        print("interrupted: the newest complete checkpoint is kept; rerun with --resume auto", file=sys.stderr)
+        _write_line("interrupted: the newest complete checkpoint is kept; rerun with --resume auto")
         return 130
     return 0
 

@@ -4,7 +4,7 @@ import json
 import pytest
 from PIL import Image
 
-from pipelines.experiments.demo import RECON_STEPS, run_demo
+from pipelines.experiments.demo import PROFILES, RECON_STEPS, block_average_baseline, class_agreement, run_demo
 from support import boxes_overlap
 
 
@@ -20,7 +20,15 @@ def test_tiny_demo_produces_every_artifact(tmp_path, capsys):
             assert isinstance(written["reconstruction"][f"{metric}_{steps}step"], float)
     for key in ("fd", "fd_floor", "fd_ceiling"):
         assert written["generation"][key] >= 0
-    assert set(written["stage_seconds"]) == {"data", "tokenizer", "cache", "generator", "samples", "evaluate"}
+    agreement = written["class_agreement"]
+    assert agreement["chance"] == 1 / 8 and all(0 <= agreement[k] <= 1 for k in agreement)
+    for split in ("held_out", "validation"):
+        scores = written["held_out"][split]
+        assert scores["block_average_numbers_per_image"] == 3 * 4 * 4  # 32² at 8×
+        assert all(isinstance(scores[f"{m}_psnr"], float) for m in ("tokenizer_1step", "block_average"))
+    timings = json.loads((out / "timings.json").read_text())  # wall times stay out of metrics.json
+    assert set(timings["stage_seconds"]) == {"data", "tokenizer", "cache", "generator", "samples", "evaluate"}
+    assert "seconds" not in json.dumps(written)
 
     for name in ("recon.png", "grid.png", "loss.png"):
         with Image.open(out / name) as image:
@@ -36,6 +44,11 @@ def test_tiny_demo_produces_every_artifact(tmp_path, capsys):
     again = run_demo(out, "tiny")  # finished stages are reused, results unchanged
     assert "reused" in capsys.readouterr().out
     assert again["generation"] == metrics["generation"]
+
+    # Budgets are steps, not minutes: a fresh run elsewhere writes the same numbers.
+    other = tmp_path / "other"
+    run_demo(other, "tiny", fresh=True)
+    assert (other / "metrics.json").read_text() == (out / "metrics.json").read_text()
 
 
 def test_real_halves_share_no_pixels_and_cover_every_class():
@@ -53,3 +66,33 @@ def test_real_halves_share_no_pixels_and_cover_every_class():
     assert len(small_a) == 16 and {val.targets[i] for i in small_a} == set(range(8))
     with pytest.raises(ValueError, match="at least 2"):
         real_halves(val, 1)
+
+
+def test_every_demo_budget_is_steps_not_minutes():
+    for name, profile in PROFILES.items():
+        assert profile.tokenizer.run.max_minutes is None and profile.generator.run.max_minutes is None, name
+        assert profile.tokenizer.optim.max_steps < 10_000 and profile.generator.optim.max_steps < 10_000, name
+    assert PROFILES["default"].downsample == 8 and PROFILES["16x"].downsample == 16
+
+
+def test_block_average_baseline_keeps_block_means_and_is_exact_on_constant_blocks():
+    import torch
+
+    image = torch.rand(2, 3, 16, 16) * 2 - 1
+    out = block_average_baseline(image, 8)
+    assert out.shape == image.shape
+    constant = torch.full((1, 3, 16, 16), 0.25)
+    assert torch.allclose(block_average_baseline(constant, 8), constant)
+    # It keeps only the block means: detail that averages to zero inside each block changes nothing.
+    detail = torch.randn(2, 3, 16, 16)
+    detail = detail - torch.nn.functional.interpolate(torch.nn.functional.avg_pool2d(detail, 8), scale_factor=8)
+    assert torch.allclose(block_average_baseline(image + detail, 8), out, atol=1e-6)
+    assert not torch.allclose(out, image)
+
+
+def test_class_agreement_counts_nearest_centroid_hits():
+    import numpy as np
+
+    centroids = np.array([[0.0, 0.0], [10.0, 0.0]])
+    features = np.array([[1.0, 0.0], [9.0, 0.0], [6.0, 0.0], [4.0, 1.0]])
+    assert class_agreement(features, np.array([0, 1, 0, 0]), centroids) == 0.75
