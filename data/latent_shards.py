@@ -37,6 +37,7 @@ import tarfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Any
 
 import torch
 import webdataset as wds
@@ -242,7 +243,9 @@ class LatentShardWriter:
         partial_shard = os.path.join(self.out_dir, self._shard_name() + ".tmp")
         with _naming_disk_full(partial_shard):
             if self._tar is None:
-                self._tar = wds.TarWriter(partial_shard, mtime=0.0)
+                # An integer mtime: a float one makes tarfile add a PAX header to every member, which doubles
+                # the headers the reader parses (measured: 25% of its time).
+                self._tar = wds.TarWriter(partial_shard, mtime=0)
             self._tar.write({"__key__": key, LATENT_FIELD: blob, "cls": str(int(cls)).encode("ascii")})
         self._on_event("shard_write")
         self._keys.append(key)
@@ -506,28 +509,45 @@ def _decode_latent(sample: dict) -> tuple[dict[str, torch.Tensor], int, str]:
     return moments, label, where
 
 
-def _latents_stage(
+def _moments_stage(
     samples: Iterator[dict],
     source: ShardSource,
     policy: _BadShardPolicy,
-    shift: torch.Tensor,
-    scale: torch.Tensor,
     flip: bool,
     sample_posterior: bool,
-) -> Iterator[tuple[torch.Tensor, int]]:
-    """Pick flipped/unflipped moments, sample z = mean + exp(logvar/2)·ε, normalise: (C, h, w) float32."""
+) -> Iterator[tuple[torch.Tensor, torch.Tensor | None, int]]:
+    """Decode each sample and pick its flipped or unflipped moments: (mean, logvar or None, label), float32."""
     slot, _ = worker_slot(source.rank, source.world_size)
-    generator = torch.Generator().manual_seed((source.seed * 1_000_003 + source.epoch) * 100_003 + slot)
+    coin = random.Random(f"{source.seed}-{source.epoch}-{slot}-flip")
     for sample in samples:
         try:
             moments, label, _ = _decode_latent(sample)
         except ValueError as exn:
             policy(exn)  # raises (naming the shard) or counts
             continue
-        use_flip = flip and bool(torch.rand((), generator=generator) < 0.5)
-        mean = moments["mean_flip" if use_flip else "mean"].float()  # (C, h, w)
-        if sample_posterior:
-            logvar = moments["logvar_flip" if use_flip else "logvar"].float()
+        suffix = "_flip" if flip and coin.random() < 0.5 else ""
+        logvar = moments["logvar" + suffix].float() if sample_posterior else None
+        yield moments["mean" + suffix].float(), logvar, label
+
+
+def _stack_moments(items: list[tuple[torch.Tensor, torch.Tensor | None, int]]):
+    means, logvars, labels = zip(*items)
+    logvar = None if logvars[0] is None else torch.stack(logvars)
+    return torch.stack(means), logvar, torch.tensor(labels)
+
+
+def _latents_stage(
+    items: Iterator[tuple[torch.Tensor, torch.Tensor | None, Any]],
+    source: ShardSource,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+) -> Iterator[tuple[torch.Tensor, Any]]:
+    """z = mean + exp(logvar/2)·ε (when a logvar comes), normalised: one sample (C, h, w) or a batch (B, C, h, w)
+    at a time; a batch costs one random draw and one pass of each elementwise op instead of B."""
+    slot, _ = worker_slot(source.rank, source.world_size)
+    generator = torch.Generator().manual_seed((source.seed * 1_000_003 + source.epoch) * 100_003 + slot)
+    for mean, logvar, label in items:
+        if logvar is not None:
             mean = mean + (0.5 * logvar).exp() * torch.randn(mean.shape, generator=generator)
         yield (mean - shift) / scale, label
 
@@ -554,6 +574,8 @@ class LatentShardDataset(wds.DataPipeline):
         sample_posterior: bool = True,
         normalize: bool = True,
         on_bad_shard: str = "raise",
+        batch_size: int | None = None,
+        partial_batches: bool = True,
     ):
         self.manifest = load_manifest(out_dir)
         urls = [os.path.join(out_dir, s["name"]) for s in self.manifest["shards"] if s["count"] > 0]
@@ -572,17 +594,12 @@ class LatentShardDataset(wds.DataPipeline):
         ]
         if shuffle_buffer > 0:
             stages.append(partial(_shuffle_stage, buffer=shuffle_buffer, source=self.source))
-        stages.append(
-            partial(
-                _latents_stage,
-                source=self.source,
-                policy=self.bad_shards,
-                shift=shift.float(),
-                scale=scale.float().clamp_min(1e-8),
-                flip=flip,
-                sample_posterior=sample_posterior,
-            )
-        )
+        stages.append(partial(_moments_stage, source=self.source, policy=self.bad_shards, flip=flip,
+                              sample_posterior=sample_posterior))
+        if batch_size is not None:
+            stages.append(wds.batched(batch_size, collation_fn=_stack_moments, partial=partial_batches))
+        stages.append(partial(_latents_stage, source=self.source, shift=shift.float(),
+                              scale=scale.float().clamp_min(1e-8)))
         super().__init__(*stages)
 
     @property
@@ -612,13 +629,16 @@ def make_latent_loader(
     num_workers: int = 0,
     **dataset_options,
 ) -> tuple[torch.utils.data.DataLoader, LatentShardDataset]:
-    """DataLoader over `LatentShardDataset` (batches of (B, C, h, w) latents and (B,) labels) and the dataset."""
-    dataset = LatentShardDataset(out_dir, rank, world_size, **dataset_options)
+    """DataLoader over `LatentShardDataset` (batches of (B, C, h, w) latents and (B,) labels) and the dataset.
+
+    The dataset batches (and samples the posterior batch-wise) itself, so the loader only moves batches."""
+    resampled = dataset_options.get("resampled", True)
+    dataset = LatentShardDataset(out_dir, rank, world_size, batch_size=batch_size, partial_batches=not resampled,
+                                 **dataset_options)
     loader = torch.utils.data.DataLoader(
         dataset,
-        batch_size=batch_size,
+        batch_size=None,
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
-        drop_last=dataset_options.get("resampled", True),
     )
     return loader, dataset

@@ -292,6 +292,17 @@ def test_settled_needs_less_than_the_tolerance_over_the_last_quarter():
     assert not studies.settled(history, 0.05)  # 150 → 140 (6.7%)
 
 
+def test_min_steps_trains_past_a_settled_curve_and_train_steps_caps_it():
+    history = [{"step": s, "rfd": r} for s, r in ((250, 200.0), (500, 160.0), (750, 150.0), (1000, 146.0))]
+    long, equal = studies.PROFILES["long"], studies.PROFILES["long-equal"]
+    assert not studies.keeps_training(history, long)  # settled at 1000
+    assert studies.keeps_training(history, equal)  # settled, but equal-length runs go on to 3000
+    assert studies.keeps_training(history[:2], long)  # not settled yet
+    assert not studies.keeps_training([*history, {"step": 3000, "rfd": 300.0}], equal)  # the cap, settled or not
+    assert equal.min_steps == equal.train_steps == 3000
+    assert dataclasses.replace(equal, train_steps=4000, min_steps=0) == long
+
+
 def test_convergence_profile_trains_in_segments_and_records_the_curve(tmp_path):
     profile = dataclasses.replace(MICRO, train_steps=3, convergence_every=1, convergence_tolerance=0.5)
     report = studies.run_study("vae-vs-eps", profile, tmp_path)

@@ -76,6 +76,9 @@ class StudyProfile:
     # rFD moved by less than convergence_tolerance over the last quarter of the steps trained. None: one segment.
     convergence_every: int | None = None
     convergence_tolerance: float = 0.05
+    # With convergence_every: train at least this many steps even once rFD has settled, so runs that settle at
+    # different lengths can still be compared at one length (profile `long-equal`).
+    min_steps: int = 0
     study_minutes: float | None = None  # wall budget of a study (see `time_cap_minutes`); None = no cap
     train_share: float = 0.7  # of the budget, for training; the rest is start-up and evaluation
     checkpoint_every: int = 1000
@@ -151,6 +154,9 @@ PROFILES: dict[str, StudyProfile] = {
         ladder_nfes=(1, 2, 3, 5, 10, 50, 100, 1000), downsamples=(4, 8, 16, 32), latent_channels=(4, 8, 16, 32),
         resolution_multipliers=(1, 2, 4), precision="bf16", num_workers=8, log_every=100),
 }
+# `long` with every run trained exactly 3000 steps (where the ε-VAE settled), scored every 250: the VAE's 5% rule
+# stopped it at 1250 on a noisy curve, so `long` alone does not compare the two at equal length.
+PROFILES["long-equal"] = dataclasses.replace(PROFILES["long"], train_steps=3000, min_steps=3000)
 
 
 # ------------------------------------------------------------------------------------------------------ run specs
@@ -493,6 +499,14 @@ def settled(history: list[dict[str, Any]], tolerance: float) -> bool:
     return abs(last["rfd"] - earlier["rfd"]) <= tolerance * earlier["rfd"]
 
 
+def keeps_training(history: list[dict[str, Any]], profile: StudyProfile) -> bool:
+    """Another segment, unless the run reached `train_steps` or its rFD settled after at least `min_steps`."""
+    trained = history[-1]["step"] if history else 0
+    if trained >= profile.train_steps:
+        return False
+    return trained < profile.min_steps or not settled(history, profile.convergence_tolerance)
+
+
 def train_until_converged(spec: RunSpec, profile: StudyProfile, run_dir: Path, data: str,
                           perceptual_weights: str | None,
                           evaluator_factory: Callable[[], "StudyEvaluator"]) -> dict[str, Any]:
@@ -509,8 +523,7 @@ def train_until_converged(spec: RunSpec, profile: StudyProfile, run_dir: Path, d
                 and v.steps in (None, profile.decode_steps) and v.spacing in (None, "reversed_log")][:1]
     started = time.monotonic()
     model_dir = None
-    while not settled(history, profile.convergence_tolerance) and (history[-1]["step"] if history else 0) < \
-            profile.train_steps:
+    while keeps_training(history, profile):
         target = min((history[-1]["step"] if history else 0) + profile.convergence_every, profile.train_steps)
         config = _train_config(spec, profile, run_dir, data, None, perceptual_weights).override(max_steps=target)
         _write_init(spec, profile, run_dir)
