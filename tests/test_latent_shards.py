@@ -1,6 +1,7 @@
 """Latent shards: write → merge → verify, damage detection, resume, exact stats, two ranks, the reader."""
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import tarfile
@@ -225,3 +226,23 @@ def test_writer_rejects_inconsistent_latents(tmp_path):
         writer.write("b", 0, **bad)
     with pytest.raises(ValueError, match="must not contain"):
         writer.write("c.d", 0, **_moments(2))
+
+
+def test_batched_reader_gives_the_per_sample_values_and_a_partial_last_batch(tmp_path):
+    """The loader batches inside the dataset (one posterior draw per batch): the flips and values are the
+    per-sample reader's, stacked; exactly-once epochs keep the last partial batch, endless ones never make one."""
+    _write_rank(tmp_path, 0, range(7))
+    _merge(tmp_path)
+    options = dict(resampled=False, shuffle_buffer=0, seed=5, sample_posterior=False)
+    single = list(LatentShardDataset(str(tmp_path), **options))
+    batches = list(LatentShardDataset(str(tmp_path), batch_size=3, **options))
+    assert [b[0].shape[0] for b in batches] == [3, 3, 1]
+    torch.testing.assert_close(torch.cat([b[0] for b in batches]), torch.stack([s[0] for s in single]))
+    assert torch.cat([b[1] for b in batches]).tolist() == [s[1] for s in single]
+
+    noisy = list(LatentShardDataset(str(tmp_path), batch_size=3, resampled=False, shuffle_buffer=0, seed=5))
+    assert (torch.cat([b[0] for b in noisy]) - torch.cat([b[0] for b in batches])).abs().max() > 0
+
+    loader, _ = make_latent_loader(str(tmp_path), batch_size=3, seed=0)  # resampled
+    sizes = [latents.shape[0] for latents, _ in itertools.islice(iter(loader), 5)]
+    assert sizes == [3] * 5
