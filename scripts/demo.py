@@ -6,7 +6,7 @@ Every budget is a number of steps: two runs of one commit write the same metrics
 finished stages; --fresh (make demo FRESH=1) starts over.
 
 Examples:
-    python scripts/demo.py                                    # ~12 min on 2 CPU cores
+    python scripts/demo.py                                    # ~12-14 min on 2 CPU cores
     python scripts/demo.py --profile 16x --output-dir runs/demo-16x   # the paper's harder 16× compression
     python scripts/demo.py --profile tiny --output-dir /tmp/demo --fresh
 """
@@ -26,7 +26,7 @@ def build_parser():
                         help="where the demo writes its stages and report (default: runs/demo)")
     add_deprecated_alias(parser, "--out", OUTPUT_DIR_FLAG, "output_dir")
     parser.add_argument("--profile", default="default", choices=sorted(PROFILES),
-                        help="default: 8× ε-VAE, ~12 min on 2 CPU cores; 16x: 16× ε-VAE, same budgets; tiny: seconds (tests)")
+                        help="default: 8× ε-VAE, ~12-14 min on 2 CPU cores; 16x: 16× ε-VAE, same budgets; tiny: seconds (tests)")
     parser.add_argument("--fresh", action="store_true", help="delete the output directory and start over")
     return parser
 
