@@ -252,25 +252,18 @@ def reconstruction_against_baseline(tokenizer, images: np.ndarray, factor: int, 
     of RECON_STEPS, next to the block-average baseline's; also the numbers each keeps per image."""
     from data.transforms import to_tensor_pm1
     from pipelines.kit.metrics import psnr, ssim, to_uint8
-    from pipelines.kit.reconstruction import DecodeSetting, reconstruct
 
-    methods: dict[str, list[np.ndarray]] = {}
-    latent_numbers = None
-    for start in range(0, len(images), profile.batch_size):
-        real = images[start:start + profile.batch_size]
-        x = torch.stack([to_tensor_pm1(image) for image in real])  # (B, 3, H, W) in [-1, 1]
-        outputs = {f"tokenizer_{steps}step": reconstruct(tokenizer, x, DecodeSetting(steps), start, profile.seed)
-                   for steps in dict.fromkeys(RECON_STEPS)}
-        outputs["block_average"] = block_average_baseline(x, factor)
-        if latent_numbers is None:
-            latent_numbers = tokenizer.encode(x[:1], sample=False)[0].numel()
-        for name, output in outputs.items():
-            fake = to_uint8(output).permute(0, 2, 3, 1).numpy()
-            methods.setdefault(f"{name}_psnr", []).append(psnr(real, fake).numpy())
-            methods.setdefault(f"{name}_ssim", []).append(ssim(real, fake).numpy())
-    result: dict[str, Any] = {key: float(np.concatenate(values).mean()) for key, values in methods.items()}
+    x = torch.stack([to_tensor_pm1(image) for image in images])  # (N, 3, H, W) in [-1, 1]
+    outputs = {f"tokenizer_{steps}step": _reconstruct_uint8(tokenizer, images, steps, profile)
+               for steps in dict.fromkeys(RECON_STEPS)}
+    outputs["block_average"] = to_uint8(block_average_baseline(x, factor)).permute(0, 2, 3, 1).numpy()
+    result: dict[str, Any] = {}
+    for name, output in outputs.items():
+        result[f"{name}_psnr"] = float(psnr(images, output).numpy().mean())
+        result[f"{name}_ssim"] = float(ssim(images, output).numpy().mean())
     height, width = images.shape[1:3]
-    result.update(num_images=int(len(images)), tokenizer_numbers_per_image=int(latent_numbers),
+    result.update(num_images=int(len(images)),
+                  tokenizer_numbers_per_image=int(tokenizer.encode(x[:1], sample=False)[0].numel()),
                   block_average_numbers_per_image=int(3 * (height // factor) * (width // factor)))
     return result
 
