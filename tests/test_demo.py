@@ -45,6 +45,19 @@ def test_tiny_demo_produces_every_artifact(tmp_path, capsys):
     assert "reused" in capsys.readouterr().out
     assert again["generation"] == metrics["generation"]
 
+    # A folder holds one profile's stages: other settings, or stages of an older demo, are refused, not mixed.
+    import dataclasses
+
+    PROFILES["tiny-other"] = dataclasses.replace(PROFILES["tiny"], ddpm_steps=11)
+    try:
+        with pytest.raises(ValueError, match=r"other settings .*ddpm_steps"):
+            run_demo(out, "tiny-other")
+    finally:
+        del PROFILES["tiny-other"]
+    (out / "demo.json").unlink()
+    with pytest.raises(ValueError, match="older demo"):
+        run_demo(out, "tiny")
+
     # Budgets are steps, not minutes: a fresh run elsewhere writes the same numbers.
     other = tmp_path / "other"
     run_demo(other, "tiny", fresh=True)

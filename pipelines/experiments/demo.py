@@ -14,6 +14,7 @@ are FD-EffNetL0, never FID.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import time
@@ -129,6 +130,35 @@ PROFILES: dict[str, DemoProfile] = {
         train_crops_per_class=4, val_crops_per_class=4,
         grid_per_class=2, fd_images=12, ddpm_steps=10, decode_steps=2, batch_size=16),
 }
+
+
+SETTINGS_FILE = "demo.json"
+SETTINGS_FORMAT = 2  # 2: step budgets, 8× default, class agreement / held-out / timings.json outputs
+
+
+def profile_settings(profile_name: str, profile: DemoProfile) -> dict[str, Any]:
+    """Everything the finished stages of a demo folder depend on, as JSON values."""
+    fields = {f.name: getattr(profile, f.name) for f in dataclasses.fields(profile)}
+    fields.update(tokenizer=profile.tokenizer.to_dict(), generator=profile.generator.to_dict())
+    return json.loads(json.dumps({"format": SETTINGS_FORMAT, "profile": profile_name, **fields}))
+
+
+def claim_output_dir(out: Path, profile_name: str, profile: DemoProfile) -> None:
+    """Finished stages are reused, so a folder holds one profile's outputs only: record the settings on first use
+    and refuse (one line) a rerun with other settings or a folder from an older demo, instead of mixing them."""
+    path = out / SETTINGS_FILE
+    settings = profile_settings(profile_name, profile)
+    if path.is_file():
+        recorded = json.loads(path.read_text())
+        if recorded != settings:
+            changed = sorted(k for k in settings.keys() | recorded.keys() if settings.get(k) != recorded.get(k))
+            raise ValueError(f"{out} holds a demo run with other settings (profile {recorded.get('profile')!r}; "
+                             f"differs in {', '.join(changed)}): pass --fresh to start over, or another --output-dir")
+        return
+    if (out / "stages").is_dir():
+        raise ValueError(f"{out} holds stages of an older demo (no {SETTINGS_FILE}): pass --fresh to start over, "
+                         "or another --output-dir")
+    path.write_text(json.dumps(settings, indent=2))
 
 
 def _stage_file(out: Path, name: str) -> Path:
@@ -311,6 +341,7 @@ def run_demo(out_dir: str | Path = "runs/demo", profile_name: str = "default", f
     if fresh and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
+    claim_output_dir(out, profile_name, profile)
     torch.manual_seed(profile.seed)
 
     def data_stage() -> dict[str, Any]:
