@@ -256,17 +256,21 @@ def class_centroids(features: np.ndarray, labels: np.ndarray, num_classes: int) 
 
 
 @torch.no_grad()
-def _reconstruct_uint8(tokenizer, images: np.ndarray, steps: int, profile: DemoProfile) -> np.ndarray:
-    """uint8 images (N, H, W, 3) through the tokenizer (posterior mean, `steps`-step decode), batch by batch."""
+def _reconstruct_uint8(tokenizer, images: np.ndarray, steps: tuple[int, ...], profile: DemoProfile
+                       ) -> dict[int, np.ndarray]:
+    """uint8 images (N, H, W, 3) through the tokenizer (posterior mean, encoded once per batch) decoded with each
+    of `steps`: {steps: uint8 (N, H, W, 3)}."""
     from data.transforms import to_tensor_pm1
     from pipelines.kit.metrics import to_uint8
-    from pipelines.kit.reconstruction import DecodeSetting, reconstruct
+    from pipelines.kit.reconstruction import DecodeSetting, decode
 
-    out = []
+    out: dict[int, list[torch.Tensor]] = {n: [] for n in steps}
     for start in range(0, len(images), profile.batch_size):
         x = torch.stack([to_tensor_pm1(image) for image in images[start:start + profile.batch_size]])
-        out.append(to_uint8(reconstruct(tokenizer, x, DecodeSetting(steps), start, profile.seed)).permute(0, 2, 3, 1))
-    return torch.cat(out).numpy()
+        z = tokenizer.encode(x, sample=False)
+        for n in steps:
+            out[n].append(to_uint8(decode(tokenizer, z, DecodeSetting(n), start, profile.seed)).permute(0, 2, 3, 1))
+    return {n: torch.cat(batches).numpy() for n, batches in out.items()}
 
 
 def block_average_baseline(images: torch.Tensor, factor: int) -> torch.Tensor:
@@ -284,8 +288,8 @@ def reconstruction_against_baseline(tokenizer, images: np.ndarray, factor: int, 
     from pipelines.kit.metrics import psnr, ssim, to_uint8
 
     x = torch.stack([to_tensor_pm1(image) for image in images])  # (N, 3, H, W) in [-1, 1]
-    outputs = {f"tokenizer_{steps}step": _reconstruct_uint8(tokenizer, images, steps, profile)
-               for steps in dict.fromkeys(RECON_STEPS)}
+    decoded = _reconstruct_uint8(tokenizer, images, tuple(dict.fromkeys(RECON_STEPS)), profile)
+    outputs = {f"tokenizer_{steps}step": images_out for steps, images_out in decoded.items()}
     outputs["block_average"] = to_uint8(block_average_baseline(x, factor)).permute(0, 2, 3, 1).numpy()
     result: dict[str, Any] = {}
     for name, output in outputs.items():
@@ -467,7 +471,7 @@ def evaluate_demo(out: Path, profile: DemoProfile, tokenizer_dir: str, load_pipe
     train = _offline("train", profile)
     spread = np.linspace(0, len(train) - 1, n).round().astype(int)
     real_train = np.stack([train.crop_array(int(i)) for i in spread])
-    decoded_train = _reconstruct_uint8(tokenizer, real_train, profile.decode_steps, profile)
+    decoded_train = _reconstruct_uint8(tokenizer, real_train, (profile.decode_steps,), profile)[profile.decode_steps]
 
     extractor = build_feature_extractor("effnet-l0")
     features_a, features_b = _features(extractor, real_a), _features(extractor, real_b)
