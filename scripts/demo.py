@@ -3,7 +3,8 @@ r"""The main job (`make demo`): train and evaluate the whole two-stage pipeline 
 
 Writes <output-dir>/report.md, metrics.json, timings.json, recon.png, grid.png and loss.png (default runs/demo).
 Every budget is a number of steps: two runs of one commit write the same metrics.json. A second run reuses
-finished stages; --fresh (make demo FRESH=1) starts over.
+finished stages of the same settings (demo.json; other settings are refused, never mixed); --fresh
+(make demo FRESH=1) starts over.
 
 Examples:
     python scripts/demo.py                                    # ~12-14 min on 2 CPU cores
