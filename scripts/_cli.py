@@ -122,6 +122,15 @@ def run_main(main: Callable[[Sequence[str] | None], object], argv: Sequence[str]
     except KeyboardInterrupt:
         _write_line("interrupted: the newest complete checkpoint is kept; rerun with --resume auto")
         return 130
+    try:
+        from pipelines.kit.run import close_process_group
+
+        close_process_group()
+    except Exception as error:  # noqa: BLE001 - the job's outputs are written; a failed teardown is one line
+        if os.environ.get("EPSVAE_DEBUG"):
+            raise
+        _report(error)
+        return RUN_FAILURE_EXIT_CODE
     return 0
 
 

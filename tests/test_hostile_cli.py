@@ -387,3 +387,19 @@ def test_no_production_code_can_unpickle():
                     if banned in line and not line.lstrip().startswith("#") and '"""' not in line:
                         offenders.append(f"{path.name}: {line.strip()[:80]}")
     assert offenders == [], offenders
+
+
+def test_a_finished_script_tears_its_process_group_down(tmp_path):
+    """run_main ends an initialised process group after a job that finished, instead of leaving gloo's threads to
+    the interpreter's exit (where a rank could abort with exit -6 after writing everything)."""
+    import torch.distributed as dist
+
+    from scripts._cli import run_main
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        assert run_main(lambda argv: None, []) == 0
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -626,7 +626,7 @@ _TWO_RANK_SCRIPT = textwrap.dedent(
     from pipelines.kit.checkpoints import CheckpointManager
     from pipelines.kit.ema import EMA
     from pipelines.kit.optim import OptimizerConfig, build_optimizer
-    from pipelines.kit.run import AcceleratorConfig, make_accelerator
+    from pipelines.kit.run import AcceleratorConfig, close_process_group, make_accelerator
     from pipelines.kit.loop import quartile_losses
     from pipelines.kit.optim import warmup_scheduler
 
@@ -660,6 +660,7 @@ _TWO_RANK_SCRIPT = textwrap.dedent(
     out = {"step": step, "rank": accelerator.process_index, "draw": draw, "weights": weights, "buckets": buckets,
            "ema": ema.state_dict()["0.weight"].flatten()[:3].tolist()}
     (root / f"{phase}_rank{accelerator.process_index}.json").write_text(json.dumps(out))
+    close_process_group()  # what run_main does after every script: no rank aborts in gloo's teardown
     """
 )
 

@@ -47,7 +47,17 @@ QUICK_DIT = dict(hidden_size=64, depth=2, num_heads=2)
 
 
 @dataclass(frozen=True)
-class ThroughputConfig:
+class _BenchmarkRun:
+    """Where and how loudly a benchmark runs (shared by both benchmarks' configs)."""
+
+    threads: int | None = None  # CPU threads (torch.set_num_threads); None keeps PyTorch's default
+    quick: bool = False  # tiny models and sizes (tests)
+    device: str | None = None  # None: the first CUDA device if any, else the CPU
+    verbose: bool = True  # print one line per measurement as it is taken
+
+
+@dataclass(frozen=True)
+class ThroughputConfig(_BenchmarkRun):
     dit: str = "DiT-XL/2"  # DiT size (generator.DiT_models), randomly initialised
     batch_size: int = 1  # images per timed call (one process)
     precisions: tuple[str, ...] = ("auto",)  # autocast precisions to time; auto = this device's fast one
@@ -61,11 +71,7 @@ class ThroughputConfig:
     decoder: str = "M"  # ε-VAE decoder preset (Table 5)
     num_classes: int = 1000  # DiT class-embedding size
     matmul_size: int = 4096  # side of the square matmul that measures the machine's peak rate
-    threads: int | None = None  # CPU threads (torch.set_num_threads); None keeps PyTorch's default
-    quick: bool = False  # tiny models and sizes (tests)
-    device: str | None = None  # None: the first CUDA device if any, else the CPU
     output_dir: str | None = "runs/benchmark/throughput"  # directory for throughput.json + throughput.md
-    verbose: bool = True  # print one line per measurement as it is taken
 
     def __post_init__(self) -> None:
         for name in ("precisions", "compressions", "tokenizers", "decode_steps"):
@@ -314,7 +320,7 @@ QUICK_TRAIN = dict(encoder="tiny", decoder="tiny", resolution=32, latent_size=8,
 
 
 @dataclass(frozen=True)
-class TrainThroughputConfig:
+class TrainThroughputConfig(_BenchmarkRun):
     """What `benchmark_training` times; the tokenizer defaults are the demo's (tiny-lite encoder, XS decoder)."""
 
     tokenizer_batch_size: int = 8  # images per tokenizer training step (the demo's)
@@ -332,11 +338,7 @@ class TrainThroughputConfig:
     reader_latents: int = 4096  # latents written to temporary shards for the reader figure
     reader_batch_size: int = 256  # latents per reader batch
     matmul_size: int = 2048  # side of the square matmul that measures the machine's rate
-    threads: int | None = None  # CPU threads (torch.set_num_threads); None keeps PyTorch's default
-    quick: bool = False  # tiny models and sizes (tests)
-    device: str | None = None  # None: the first CUDA device if any, else the CPU
     output_dir: str | None = "runs/benchmark/train"  # directory for train_throughput.json + train_throughput.md
-    verbose: bool = True  # print one line per measurement as it is taken
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "modes", tuple(self.modes))

@@ -145,3 +145,19 @@ def any_rank(accelerator: "Accelerator", flag: bool) -> bool:
         return flag
     value = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
     return bool(accelerator.reduce(value, reduction="max").item() > 0)
+
+
+def close_process_group() -> None:
+    """Tear the process group down after a job that finished on every rank.
+
+    Left to the interpreter's exit, gloo's worker threads are destroyed in no particular order and a rank can
+    abort with "terminate called without an active exception" after its work is done (exit -6), which a launcher
+    reports as a failed run. A barrier first, so no rank tears down while a peer still talks to it."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
