@@ -199,7 +199,7 @@ PER_PROCESS_BATCH_HELP = "images per forward pass on each process (the global ba
 
 
 def warn_deprecated(old: str, new: str) -> None:
-    print(f"warning: {old} is deprecated and will be removed in the next release; use {new}", file=sys.stderr)
+    _write_line(f"warning: {old} is deprecated and will be removed in the next release; use {new}")
 
 
 class _DeprecatedStore(argparse.Action):

@@ -69,3 +69,19 @@ def test_resuming_with_other_settings_is_refused_in_one_line(tmp_path):
     values.update(output_dir=str(run), shards=str(LEGACY / "lat"), max_steps=3, resume="auto", lr=3e-4)
     with pytest.raises(ValueError, match=r"lr=0.0001 \(now 0.0003\)"):
         train_generator(GeneratorTrainConfig.from_dict(values))
+
+
+@pytest.mark.parametrize("device", ["cpu", "cpu:0", torch.device("cpu", 0)])
+def test_loaders_and_per_image_generators_take_any_device_spelling(device):
+    """An indexed device ("cpu:0", as accelerate's ranks name theirs; "cuda:1" alike) reaches every loader: weights
+    are read on the CPU and moved, so safetensors never sees the index."""
+    from generator.dit import DiT
+    from pipelines.kit.generation import make_generators, per_image_generators
+    from tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(LEGACY / "tok" / "model", device=device)
+    dit = DiT.from_pretrained(LEGACY / "gen" / "model", device=device)
+    assert next(tokenizer.parameters()).device == next(dit.parameters()).device == torch.device("cpu")
+    generators = make_generators([3, 4], device) + per_image_generators(5, 2, device)
+    assert [g.device.type for g in generators] == ["cpu"] * 4
+    assert [g.initial_seed() for g in generators] == [3, 4, 5, 6]
