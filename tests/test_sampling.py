@@ -362,6 +362,33 @@ def test_overwrite_regenerates_with_the_new_settings(models, tmp_path, capsys):
     assert (out / "notes.txt").read_text() == "mine"
 
 
+def test_compiled_sampling_matches_eager_and_a_folder_does_not_mix_the_two(models, tmp_path, capsys, monkeypatch):
+    """`--compile` (traced with `aot_eager` here: the same graphs without C++ code generation) gives the eager
+    images within one level per pixel value, is recorded in settings.json and sampling.json, and an eager rerun
+    into the compiled folder is refused."""
+    import pipelines.kit.compiling as compiling
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(compiling, "COMPILE_BACKEND", "aot_eager")
+    common = ["--num", "3", "--per-process-batch-size", "2"]  # a full batch and a partial one
+    assert sample(models, tmp_path / "eager", *common) == 0
+    before = int(counters["stats"]["unique_graphs"])
+    assert sample(models, tmp_path / "compiled", *common, "--compile") == 0
+    assert int(counters["stats"]["unique_graphs"]) > before  # the DiT and the decoder really ran compiled
+    names = sorted(p.name for p in (tmp_path / "eager").glob("0*.png"))
+    assert names == sorted(p.name for p in (tmp_path / "compiled").glob("0*.png")) and len(names) == 3
+    for name in names:
+        eager = np.asarray(Image.open(tmp_path / "eager" / name), dtype=np.int16)
+        compiled = np.asarray(Image.open(tmp_path / "compiled" / name), dtype=np.int16)
+        assert np.abs(eager - compiled).max() <= 1, name
+    assert json.loads((tmp_path / "compiled" / "settings.json").read_text())["compile"] is True
+    assert "compile" not in json.loads((tmp_path / "eager" / "settings.json").read_text())
+    assert json.loads((tmp_path / "compiled" / "sampling.json").read_text())["compile"] is True
+    capsys.readouterr()
+    assert sample(models, tmp_path / "compiled", *common) == 2
+    assert "compile=True" in capsys.readouterr().err
+
+
 def test_identical_rerun_resumes_even_from_copied_model_folders(models, tmp_path, capsys):
     import shutil
 

@@ -208,6 +208,27 @@ def test_random_crops_are_seeded_per_image_resumable_and_pinned(tokenizer_dir, l
         CacheLatentsConfig(tokenizer="x", crop="five")
 
 
+def test_compiled_encoder_caches_the_eager_latents(tokenizer_dir, latent_dir, tmp_path, monkeypatch):
+    """`--compile` runs the encoder through torch.compile (traced with `aot_eager`: the same graphs without C++
+    code generation) and stores what the eager encoder stored, within float tolerance."""
+    import pipelines.kit.compiling as compiling
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(compiling, "COMPILE_BACKEND", "aot_eager")
+    before = int(counters["stats"]["unique_graphs"])
+    cache_latents(_cache_config(tokenizer_dir, tmp_path / "compiled", compile=True))
+    assert int(counters["stats"]["unique_graphs"]) > before
+    eager, compiled = {}, {}
+    for folder, found in ((latent_dir, eager), (tmp_path / "compiled", compiled)):
+        for shard in sorted(folder.glob("*.tar")):
+            found.update(_read_shard(shard))
+    assert compiled.keys() == eager.keys() and len(eager) > 0
+    for key, entry in eager.items():
+        assert compiled[key]["cls"] == entry["cls"]
+        for name, value in entry["moments"].items():
+            torch.testing.assert_close(compiled[key]["moments"][name], value, rtol=1e-4, atol=1e-5)
+
+
 def test_rerun_skips_complete_shards_and_redoes_only_missing_ones(tokenizer_dir, latent_dir, tmp_path):
     work = tmp_path / "latents"
     shutil.copytree(latent_dir, work)
