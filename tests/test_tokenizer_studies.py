@@ -244,7 +244,7 @@ def test_second_call_reuses_finished_runs(tmp_path, monkeypatch):
     assert third["summary"]["best_gamma"] == first["summary"]["best_gamma"]
 
     # Other settings in the same directory: refuse rather than mix results.
-    changed = dataclasses.replace(MICRO, train_steps=MICRO.train_steps + 1)
+    changed = MICRO.with_training(max_steps=MICRO.train_steps + 1)
     with pytest.raises(ValueError, match="other settings"):
         studies.run_study("gamma", changed, tmp_path)
 
@@ -300,11 +300,11 @@ def test_min_steps_trains_past_a_settled_curve_and_train_steps_caps_it():
     assert studies.keeps_training(history[:2], long)  # not settled yet
     assert not studies.keeps_training([*history, {"step": 3000, "rfd": 300.0}], equal)  # the cap, settled or not
     assert equal.min_steps == equal.train_steps == 3000
-    assert dataclasses.replace(equal, train_steps=4000, min_steps=0) == long
+    assert dataclasses.replace(equal.with_training(max_steps=4000), min_steps=0) == long
 
 
 def test_convergence_profile_trains_in_segments_and_records_the_curve(tmp_path):
-    profile = dataclasses.replace(MICRO, train_steps=3, convergence_every=1, convergence_tolerance=0.5)
+    profile = dataclasses.replace(MICRO.with_training(max_steps=3), convergence_every=1, convergence_tolerance=0.5)
     report = studies.run_study("vae-vs-eps", profile, tmp_path)
     for result in report["runs"]:
         history = result["training"]["history"]

@@ -36,6 +36,7 @@ import torch
 
 from pipelines.kit.metrics import FeatureStats
 from pipelines.kit.reconstruction import DecodeSetting, evaluate_reconstructions
+from pipelines.train_tokenizer import TokenizerTrainConfig
 from tokenizer import DEFAULT_DECODE_STEPS
 from tokenizer.encoder import ENCODER_PRESETS, EncoderConfig, multipliers_for_downsample
 from tokenizer.models import EpsVAEConfig, VAEConfig
@@ -48,30 +49,40 @@ SPEC_FILE, RESULT_FILE = "spec.json", "result.json"
 
 
 # ------------------------------------------------------------------------------------------------------ profiles
+# What every run of a study trains with: each run then sets only its model, its loss weights and its paths
+# (`_train_config`). Profiles override it; `study_training(lr=…)` sets the discriminator's lr along.
+STUDY_TRAINING = TokenizerTrainConfig.from_flat(
+    data="offline", discriminator="tiny", perceptual="effnet-l0", batch_size=16, num_workers=0, lr=2e-4, disc_lr=2e-4,
+    adam_betas=(0.0, 0.999),  # the paper's (appendix C.2)
+    warmup_steps=20, ema_decay=0.98, disc_start=0, max_steps=100, checkpoint_every=1000, keep_last=1, log_every=10,
+    image_every=10**9, precision="auto", seed=0, resume="auto", cpu=False)
+
+
+def study_training(lr: float | None = None, **values: Any) -> TokenizerTrainConfig:
+    """STUDY_TRAINING with flat `values` replaced; `lr` is the generator's and the discriminator's."""
+    if lr is not None:
+        values.update(lr=lr, disc_lr=lr)
+    return STUDY_TRAINING.override(**values)
+
+
 @dataclass(frozen=True)
 class StudyProfile:
     """Sizes, budgets and sweep values of one scale. Models are built from these configs directly (not from the
-    preset names), so the CPU profiles can use widths the model registries do not carry."""
+    preset names), so the CPU profiles can use widths the model registries do not carry. Training settings
+    (resolution, batch, optimiser, perceptual net, steps, precision, seed, device) are one `TokenizerTrainConfig`,
+    `training`; its `max_steps` is the same for every run of a study (with convergence_every: the most a run
+    gets)."""
 
-    resolution: int
     encoder: EncoderConfig  # its downsample / latent_channels are the default compression setting
     eps_decoders: dict[str, ADMConfig]  # ε-VAE decoder widths by name
     vae_decoders: dict[str, VAEDecoderConfig]  # baseline VAE decoder widths by name
     decoder: str  # the ε-VAE decoder of the single-width studies
     vae_decoder: str  # the VAE decoder of compression / resolution
     width_groups: tuple[tuple[str, str], ...]  # (VAE width, ε-VAE width) pairs of comparable size (Table 7)
-    discriminator: str = "tiny"
-    perceptual: str = "effnet-l0"  # training perceptual loss; the *metric* is always EffNet-L0
-    batch_size: int = 16
-    lr: float = 2e-4
-    adam_betas: tuple[float, float] = (0.0, 0.999)  # the paper's (appendix C.2)
+    training: TokenizerTrainConfig = STUDY_TRAINING
     # Velocity rows only (the DDPM baseline has no such option): "none" is the paper; "skip" lets a decoder
     # trained for a few hundred steps pass the noise through at t ≈ 1 instead of decoding noise.
     preconditioning: str = "none"
-    warmup_steps: int = 20
-    ema_decay: float = 0.98
-    disc_start: int = 0
-    train_steps: int = 100  # the same for every run of a study (with convergence_every: the most a run gets)
     # Train in segments of this many steps, scoring rFD after each (runs/<name>/convergence.json), and stop once
     # rFD moved by less than convergence_tolerance over the last quarter of the steps trained. None: one segment.
     convergence_every: int | None = None
@@ -81,7 +92,6 @@ class StudyProfile:
     min_steps: int = 0
     study_minutes: float | None = None  # wall budget of a study (see `time_cap_minutes`); None = no cap
     train_share: float = 0.7  # of the budget, for training; the rest is start-up and evaluation
-    checkpoint_every: int = 1000
     eval_images: int | None = 64  # balanced across classes; None = the whole validation split
     eval_batch: int = 32
     feature_size: int = 224  # EffNet-L0 input side for the FD (224 = its ImageNet size; micro shrinks it)
@@ -94,13 +104,20 @@ class StudyProfile:
     downsamples: tuple[int, ...] = (4, 8, 16)
     latent_channels: tuple[int, ...] = (4, 8, 16)
     resolution_multipliers: tuple[int, ...] = (1, 2)
-    precision: str = "auto"
-    num_workers: int = 0
-    log_every: int = 10
-    seed: int = 0
+
+    # The training settings the studies read, by their short names.
+    resolution = property(lambda self: self.training.data.resolution)
+    train_steps = property(lambda self: self.training.optim.max_steps)
+    num_workers = property(lambda self: self.training.data.num_workers)
+    precision = property(lambda self: self.training.run.precision)
+    seed = property(lambda self: self.training.run.seed)
     # Force the CPU (gloo when several processes run under `accelerate launch --multi_gpu`): a CPU machine needs
     # it set before the first process group is made, or each process runs alone.
-    cpu: bool = False
+    cpu = property(lambda self: self.training.run.cpu)
+
+    def with_training(self, **values: Any) -> "StudyProfile":
+        """A copy whose training config has these flat fields replaced (`max_steps=3000`, `cpu=True`, ...)."""
+        return dataclasses.replace(self, training=self.training.override(**values))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -114,49 +131,52 @@ _QUICK_ENCODER = dataclasses.replace(ENCODER_PRESETS["tiny-lite"], latent_channe
 PROFILES: dict[str, StudyProfile] = {
     # Tests: 32² crops, 8-channel models, 2 steps, one image per class; two runs where a study has more.
     "micro": StudyProfile(
-        resolution=32, encoder=_MICRO_ENCODER,
+        encoder=_MICRO_ENCODER,
         eps_decoders={"micro": ADMConfig(base_channels=8, channel_multipliers=(1, 2), num_res_blocks=1,
                                          attention_downsample=(2,), head_channels=8)},
         vae_decoders={"micro": VAEDecoderConfig(base_channels=8, channel_multipliers=(1, 2), num_res_blocks=1)},
-        decoder="micro", vae_decoder="micro", width_groups=(("micro", "micro"),), batch_size=4, warmup_steps=1,
-        ema_decay=0.5, train_steps=2, eval_images=8, eval_batch=8, feature_size=64, decode_steps=2,
-        ladder_nfes=(1, 2), ladder_rows=("baseline", "g"), sweep_steps=(1, 2), gammas=(0.6, 1.0), downsamples=(8,),
-        latent_channels=(4,), log_every=1),
+        decoder="micro", vae_decoder="micro", width_groups=(("micro", "micro"),),
+        training=study_training(resolution=32, batch_size=4, warmup_steps=1, ema_decay=0.5, max_steps=2, log_every=1),
+        eval_images=8, eval_batch=8, feature_size=64, decode_steps=2, ladder_nfes=(1, 2), ladder_rows=("baseline", "g"),
+        sweep_steps=(1, 2), gammas=(0.6, 1.0), downsamples=(8,), latent_channels=(4,)),
     # 2-core CPU, ~20 min per study: ε-VAE-lite compression (f16, 8 channels) on 64² crops, ~1M-parameter decoders.
     "quick": StudyProfile(
-        resolution=64, encoder=_QUICK_ENCODER,
+        encoder=_QUICK_ENCODER,
         eps_decoders={"XS": ADM_PRESETS["XS"], "S": ADM_PRESETS["S"]},
         vae_decoders={"w24": VAEDecoderConfig(base_channels=24, num_res_blocks=1),
                       "w32": VAEDecoderConfig(base_channels=32, num_res_blocks=1)},
-        decoder="XS", vae_decoder="w24", width_groups=(("w24", "XS"), ("w32", "S")), batch_size=8,
+        decoder="XS", vae_decoder="w24", width_groups=(("w24", "XS"), ("w32", "S")),
         # At the paper's small lr with β1 = 0, a few hundred steps leave every model near the mean image (PSNR 13
         # after 200 steps at 2e-4); 1e-3 with momentum learns faster, for every run alike. Not enough yet: after
         # 100 steps the un-preconditioned velocity decoder still decodes noise (PSNR 7.5, measured), hence skip.
-        preconditioning="skip", lr=1e-3, adam_betas=(0.9, 0.999), warmup_steps=20, disc_start=20, train_steps=100, study_minutes=20.0,
-        train_share=0.7, checkpoint_every=50,
-        eval_images=48, eval_batch=48, ladder_nfes=(1, 2, 3, 5, 10)),
+        training=study_training(resolution=64, batch_size=8, lr=1e-3, adam_betas=(0.9, 0.999), warmup_steps=20,
+                                disc_start=20, max_steps=100, checkpoint_every=50),
+        preconditioning="skip", study_minutes=20.0, train_share=0.7, eval_images=48, eval_batch=48,
+        ladder_nfes=(1, 2, 3, 5, 10)),
     # 2-core CPU, an hour or more per study, resumable: the quick sizes (one width group) trained until rFD stops
     # moving (< 5% over the last quarter), with the perceptual and adversarial terms on from step 200.
     "long": StudyProfile(
-        resolution=64, encoder=_QUICK_ENCODER, eps_decoders={"XS": ADM_PRESETS["XS"]},
+        encoder=_QUICK_ENCODER, eps_decoders={"XS": ADM_PRESETS["XS"]},
         vae_decoders={"w24": VAEDecoderConfig(base_channels=24, num_res_blocks=1)}, decoder="XS",
-        vae_decoder="w24", width_groups=(("w24", "XS"),), batch_size=8, preconditioning="skip", lr=1e-3,
-        adam_betas=(0.9, 0.999), warmup_steps=20, disc_start=200, train_steps=4000, convergence_every=250,
-        checkpoint_every=250, eval_images=96, eval_batch=48),
+        vae_decoder="w24", width_groups=(("w24", "XS"),),
+        training=study_training(resolution=64, batch_size=8, lr=1e-3, adam_betas=(0.9, 0.999), warmup_steps=20,
+                                disc_start=200, max_steps=4000, checkpoint_every=250),
+        preconditioning="skip", convergence_every=250, eval_images=96, eval_batch=48),
     # GPUs, the paper's setting: ε-VAE-lite encoder, Table 5 decoders, 128², 1M steps at batch 256 (appendix C.2).
     "full": StudyProfile(
-        resolution=128, encoder=ENCODER_PRESETS["lite"],
+        encoder=ENCODER_PRESETS["lite"],
         eps_decoders={name: ADM_PRESETS[name] for name in ("B", "M", "L", "XL", "H")},
         vae_decoders={name: VAE_DECODER_PRESETS[name] for name in ("B", "M", "L", "XL", "H")},
         decoder="B", vae_decoder="B", width_groups=(("M", "B"), ("XL", "M"), ("H", "XL")),  # Table 7's groups
-        discriminator="default", perceptual="lpips-vgg", batch_size=256, lr=1e-4, warmup_steps=5000,
-        ema_decay=0.999, train_steps=1_000_000, checkpoint_every=10_000, eval_images=10_000, eval_batch=64,
-        ladder_nfes=(1, 2, 3, 5, 10, 50, 100, 1000), downsamples=(4, 8, 16, 32), latent_channels=(4, 8, 16, 32),
-        resolution_multipliers=(1, 2, 4), precision="bf16", num_workers=8, log_every=100),
+        training=study_training(resolution=128, discriminator="default", perceptual="lpips-vgg", batch_size=256,
+                                num_workers=8, lr=1e-4, warmup_steps=5000, ema_decay=0.999, max_steps=1_000_000,
+                                checkpoint_every=10_000, precision="bf16", log_every=100),
+        eval_images=10_000, eval_batch=64, ladder_nfes=(1, 2, 3, 5, 10, 50, 100, 1000), downsamples=(4, 8, 16, 32),
+        latent_channels=(4, 8, 16, 32), resolution_multipliers=(1, 2, 4)),
 }
 # `long` with every run trained exactly 3000 steps (where the ε-VAE settled), scored every 250: the VAE's 5% rule
 # stopped it at 1250 on a noisy curve, so `long` alone does not compare the two at equal length.
-PROFILES["long-equal"] = dataclasses.replace(PROFILES["long"], train_steps=3000, min_steps=3000)
+PROFILES["long-equal"] = dataclasses.replace(PROFILES["long"].with_training(max_steps=3000), min_steps=3000)
 
 
 # ------------------------------------------------------------------------------------------------------ run specs
@@ -425,22 +445,13 @@ def _write_json(path: Path, payload: Any) -> None:
 
 
 def _train_config(spec: RunSpec, profile: StudyProfile, run_dir: Path, data: str, max_minutes: float | None,
-                  perceptual_weights: str | None):
-    from pipelines.train_tokenizer import TokenizerTrainConfig
-
-    return TokenizerTrainConfig.from_flat(
+                  perceptual_weights: str | None) -> TokenizerTrainConfig:
+    return profile.training.override(
         output_dir=str(run_dir / "train"), model_type=spec.model_type,
         encoder=spec.model_config.get("encoder_preset") or "custom",
-        decoder=spec.model_config.get("decoder_preset") or "custom", init_from=str(run_dir / "init"),
-        discriminator=profile.discriminator, data=data, resolution=profile.resolution,
-        batch_size=profile.batch_size, num_workers=profile.num_workers, lr=profile.lr, disc_lr=profile.lr,
-        adam_betas=profile.adam_betas,
-        warmup_steps=profile.warmup_steps, max_steps=profile.train_steps, max_minutes=max_minutes,
-        ema_decay=profile.ema_decay, perceptual=profile.perceptual, perceptual_weights=perceptual_weights,
-        perceptual_weight=spec.perceptual_weight, adversarial_weight=spec.adversarial_weight,
-        disc_start=profile.disc_start, precision=profile.precision, seed=profile.seed,
-        checkpoint_every=profile.checkpoint_every, keep_last=1, log_every=profile.log_every, image_every=10**9,
-        resume="auto", cpu=profile.cpu)
+        decoder=spec.model_config.get("decoder_preset") or "custom", init_from=str(run_dir / "init"), data=data,
+        max_minutes=max_minutes, perceptual_weights=perceptual_weights, perceptual_weight=spec.perceptual_weight,
+        adversarial_weight=spec.adversarial_weight)
 
 
 def _spec_record(spec: RunSpec, train_config) -> dict[str, Any]:
@@ -616,7 +627,7 @@ def run_study(study: str, profile: str | StudyProfile = "quick", out: str | Path
     else:
         profile_name = "custom"
     if cpu:
-        profile = dataclasses.replace(profile, cpu=True)
+        profile = profile.with_training(cpu=True)
     entry = STUDIES[study]
     study_dir = Path(out) / study
     runs = entry.build_runs(profile)
@@ -928,6 +939,9 @@ STUDIES: dict[str, Study] = {
 
 def _markdown(report: dict[str, Any], tables: str, results: list[dict[str, Any]]) -> str:
     settings = report["settings"]
+    training = settings["training"]
+    steps, batch, resolution, seed = (training["optim"]["max_steps"], training["data"]["batch_size"],
+                                      training["data"]["resolution"], training["run"]["seed"])
     capped = [r["name"] for r in results if r["training"].get("time_capped")]
     detail_rows = []
     for result in results:
@@ -941,15 +955,15 @@ def _markdown(report: dict[str, Any], tables: str, results: list[dict[str, Any]]
                      *METRIC_HEADER, "decode img/s", "images"], detail_rows)
     feature_note = "" if settings["feature_size"] == 224 else \
         f" (features at {settings['feature_size']}² instead of 224²: a smoke-test setting, not comparable)"
-    cap_note = (f"\n**Time-capped before {settings['train_steps']} steps:** {', '.join(capped)} — their rows saw "
+    cap_note = (f"\n**Time-capped before {steps} steps:** {', '.join(capped)} — their rows saw "
                 "less training than the others.\n") if capped else ""
     caps = {name: cap for name, cap in report["time_cap_minutes"].items() if cap is not None}
     cap_text = (f" Training time caps (minutes): {', '.join(f'{n} {c:.1f}' for n, c in caps.items())}."
                 if caps else "")
     return f"""# {report['title']}
 
-Profile `{report['profile']}`, data `{report['data']}`. Every run trains {settings['train_steps']} steps at batch \
-{settings['batch_size']} on {settings['resolution']}² crops with seed {settings['seed']}, the same encoder \
+Profile `{report['profile']}`, data `{report['data']}`. Every run trains {steps} steps at batch \
+{batch} on {resolution}² crops with seed {seed}, the same encoder \
 architecture and initial weights and the same optimiser; only the studied factor differs.{cap_text}
 {cap_note}
 Metrics on {settings['eval_images'] or 'all'} class-balanced validation crops: {FD_LABEL} (Fréchet distance in \
