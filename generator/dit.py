@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenizer import pretrained
+from tokenizer.nn import timestep_embedding  # [cos | sin] of the 0..999 DDPM step, as ADM / DiT
 
 MODEL_TYPE = "dit"
 TIMESTEP_FREQUENCY_DIM = 256  # DiT's TimestepEmbedder frequency size
@@ -135,14 +136,6 @@ def sincos_2d(dim: int, grid_size: int) -> torch.Tensor:
     coords = torch.arange(grid_size, dtype=torch.float64)
     rows, cols = torch.meshgrid(coords, coords, indexing="ij")  # token n = row * grid_size + col
     return torch.cat([sincos_1d(dim // 2, cols), sincos_1d(dim // 2, rows)], dim=1)
-
-
-def timestep_frequencies(t: torch.Tensor, dim: int = TIMESTEP_FREQUENCY_DIM, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal features of (B,) int or float DDPM timesteps on the 0..999 scale, [cos | sin] (ADM / DiT)."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    args = t.float()[:, None] * freqs[None]  # (B, half)
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, dim)
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -306,7 +299,7 @@ class DiT(nn.Module):
         if t.ndim == 0:
             t = t.expand(x.shape[0])
         tokens = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed  # (B, N, D)
-        c = self.t_embedder(timestep_frequencies(t).to(tokens.dtype))  # (B, D)
+        c = self.t_embedder(timestep_embedding(t, TIMESTEP_FREQUENCY_DIM).to(tokens.dtype))  # (B, D)
         if config.unconditional:
             y = torch.full((x.shape[0],), self.null_class, dtype=torch.long, device=x.device)
         c = c + self.y_embedder(self.drop_labels(y, force_drop_ids))
