@@ -50,7 +50,8 @@ SPEC_FILE, RESULT_FILE = "spec.json", "result.json"
 
 # ------------------------------------------------------------------------------------------------------ profiles
 # What every run of a study trains with: each run then sets only its model, its loss weights and its paths
-# (`_train_config`). Profiles override it; `study_training(lr=…)` sets the discriminator's lr along.
+# (`_train_config`). Profiles override it; `study_training(lr=…)` sets the discriminator's lr along. `perceptual` is
+# the training loss's network; the studies' *metric* is always EffNet-L0.
 STUDY_TRAINING = TokenizerTrainConfig.from_flat(
     data="offline", discriminator="tiny", perceptual="effnet-l0", batch_size=16, num_workers=0, lr=2e-4, disc_lr=2e-4,
     adam_betas=(0.0, 0.999),  # the paper's (appendix C.2)
