@@ -30,6 +30,7 @@ test: export OMP_WAIT_POLICY ?= PASSIVE
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+test-fast: export OMP_WAIT_POLICY ?= PASSIVE
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
