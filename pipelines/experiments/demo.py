@@ -296,8 +296,8 @@ def reconstruction_against_baseline(tokenizer, images: np.ndarray, factor: int, 
         result[f"{name}_psnr"] = float(psnr(images, output).numpy().mean())
         result[f"{name}_ssim"] = float(ssim(images, output).numpy().mean())
     height, width = images.shape[1:3]
-    result.update(num_images=int(len(images)),
-                  tokenizer_numbers_per_image=int(tokenizer.encode(x[:1], sample=False)[0].numel()),
+    grid = (height // tokenizer.downsample) * (width // tokenizer.downsample)  # latent positions per image
+    result.update(num_images=int(len(images)), tokenizer_numbers_per_image=int(tokenizer.latent_channels * grid),
                   block_average_numbers_per_image=int(3 * (height // factor) * (width // factor)))
     return result
 
