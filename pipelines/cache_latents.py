@@ -41,7 +41,7 @@ from data.images import BadImageError, decode_image
 from data.latent_shards import LatentShardWriter, VerifyReport, merge_manifests, rank_prefix, verify_shards
 from pipelines.kit.compiling import compile_modules, require_compile_support
 from pipelines.kit.faults import fault_point
-from pipelines.kit.precision import autocast, check_precision
+from pipelines.kit.precision import autocast, check_precision, resolve_precision
 
 logger = logging.getLogger(__name__)
 
@@ -234,8 +234,11 @@ def _check_cache_info(out_dir: Path, info: dict[str, Any]) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(info, indent=1, sort_keys=True))
         return
-    # Caches made before crops were configurable hold center crops, one per image.
-    previous = {"crop": "center", "crops_per_image": 1, "crop_seed": None, **json.loads(path.read_text())}
+    # Caches made before crops were configurable hold center crops, one per image; caches made before the
+    # encoder's precision and compile flag were recorded are taken as made the way this run asks (unknown).
+    previous = {"crop": "center", "crops_per_image": 1, "crop_seed": None,
+                "encoder_precision": info.get("encoder_precision"), "compile": info.get("compile"),
+                **json.loads(path.read_text())}
     changed = sorted(k for k in set(info) | set(previous) if info.get(k) != previous.get(k))
     if changed:
         raise ValueError(f"{out_dir} already holds latents made with different {', '.join(changed)} "
@@ -306,7 +309,9 @@ def cache_latents(config: CacheLatentsConfig) -> CacheResult:
     kind, location = resolve_source(config.data)
     info = {"tokenizer_weights_sha256": weights_sha, "data": config.data, "split": config.split,
             "resolution": config.resolution, "crops_per_class": config.crops_per_class,
-            "storage_dtype": config.storage_dtype, **config.crop_settings()}
+            "storage_dtype": config.storage_dtype, **config.crop_settings(),
+            # How the encoder ran: latents of another precision (or compiled vs eager) must not join this cache.
+            "encoder_precision": resolve_precision(config.precision, device), "compile": config.compile}
     if accelerator.is_main_process:
         _check_cache_info(out_dir, info)
     accelerator.wait_for_everyone()

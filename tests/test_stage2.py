@@ -186,15 +186,17 @@ def test_random_crops_are_seeded_per_image_resumable_and_pinned(tokenizer_dir, l
     assert redone.encoded == 10 and redone.manifest["num_samples"] == manifest["num_samples"]
     torch.testing.assert_close(torch.tensor(redone.manifest["latent_std"]), torch.tensor(manifest["latent_std"]))
 
-    # The crop settings are pinned in cache_info.json, also for a cache made before they existed.
-    for changes, name in (({"crop": "center", "crops_per_image": 1}, "crop"), ({"seed": 6}, "crop_seed")):
+    # The crop settings and the encoder's precision are pinned in cache_info.json, also for a cache made before
+    # they existed.
+    for changes, name in (({"crop": "center", "crops_per_image": 1}, "crop"), ({"seed": 6}, "crop_seed"),
+                          ({"precision": "fp16"}, "encoder_precision")):
         reset_accelerate()
         with pytest.raises(ValueError, match=name):
             cache_latents(dataclasses.replace(config, **changes))
     legacy = tmp_path / "legacy"
     shutil.copytree(latent_dir, legacy)
     info = json.loads((legacy / "cache_info.json").read_text())
-    for key in ("crop", "crops_per_image", "crop_seed"):
+    for key in ("crop", "crops_per_image", "crop_seed", "encoder_precision", "compile"):
         info.pop(key)
     (legacy / "cache_info.json").write_text(json.dumps(info))
     reset_accelerate()
@@ -218,6 +220,8 @@ def test_compiled_encoder_caches_the_eager_latents(tokenizer_dir, latent_dir, tm
     before = int(counters["stats"]["unique_graphs"])
     cache_latents(_cache_config(tokenizer_dir, tmp_path / "compiled", compile=True))
     assert int(counters["stats"]["unique_graphs"]) > before
+    with pytest.raises(ValueError, match="compile"):  # an eager rerun never adds latents to the compiled cache
+        cache_latents(_cache_config(tokenizer_dir, tmp_path / "compiled"))
     eager, compiled = {}, {}
     for folder, found in ((latent_dir, eager), (tmp_path / "compiled", compiled)):
         for shard in sorted(folder.glob("*.tar")):
