@@ -14,6 +14,10 @@ crops (Inception-style aspect distortion), which change object scale far more th
 Randomness comes from an optional `torch.Generator`; with none, torch's global RNG is used, which DataLoader
 seeds per worker, so a run is reproducible under `torch.manual_seed`.
 
+`RandomWindows` / `RandomWindowStream` cut a random `size`×`size` window out of each already-cropped training
+image: the tokenizer can train on smaller crops than it encodes at evaluation (ε-VAE's decoder generalises to
+larger sizes, paper Table 1), at the same pixel scale and a fraction of the compute per image.
+
 Latent caching (`CacheCrops`) encodes the ADM center crop of each image (`crop="center"`, the default), or
 `crops_per_image` ADM random crops (`crop="random"`, paper C.3: "horizontal flips and random cropping"), each
 from a generator seeded by (seed, sample key, crop number), so the crops do not depend on ranks, workers,
@@ -139,6 +143,52 @@ class TrainTransform:
 
 
 CROP_MODES = ("center", "random")
+
+
+def random_window(image: torch.Tensor, size: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A uniformly placed `size`×`size` window of a (C, H, W) image (`size` ≤ H, W; the same image when equal)."""
+    height, width = image.shape[-2:]
+    if not 1 <= size <= min(height, width):
+        raise ValueError(f"window {size} does not fit in a {height}×{width} image")
+    top = int(torch.randint(0, height - size + 1, (), generator=generator))
+    left = int(torch.randint(0, width - size + 1, (), generator=generator))
+    return image[..., top:top + size, left:left + size]
+
+
+class RandomWindows(torch.utils.data.Dataset):
+    """A map-style `(image, label)` dataset whose images are cut to a random `size`×`size` window (torch's global
+    RNG: wrapped in a per-item seeded augmentation the windows replay exactly on resume)."""
+
+    def __init__(self, dataset, size: int):
+        self.dataset, self.size = dataset, size
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        image, label = self.dataset[index]
+        return random_window(image, self.size), label
+
+    def __getattr__(self, name: str):  # class_names, num_classes, skipped... of the wrapped source
+        if name == "dataset":
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
+class RandomWindowStream(torch.utils.data.IterableDataset):
+    """`RandomWindows` for streaming sources (webdataset): windows drawn from each worker's seeded global RNG."""
+
+    def __init__(self, dataset, size: int):
+        self.dataset, self.size = dataset, size
+
+    def __iter__(self):
+        for image, label in self.dataset:
+            yield random_window(image, self.size), label
+
+    def __getattr__(self, name: str):
+        if name == "dataset":
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
 
 
 @dataclass(frozen=True)

@@ -76,11 +76,23 @@ class TokenizerModelConfig:
 class TokenizerDataConfig:
     data: str = "offline"  # offline | ImageNet-style folder | webdataset shards (data.sources.build_image_dataset)
     resolution: int = 128  # training image side; must be divisible by the encoder's downsample
+    # Train on a random window of this side cut from each resolution² image (None: the whole image). The decoder
+    # generalises to larger sizes (paper Table 1), so the model still encodes and decodes resolution² images, at
+    # the pixel scale it trained on, for a fraction of the compute per step. A multiple of the downsample.
+    train_crop: int | None = None
     batch_size: int = 256  # global: per_device × processes × grad_accum
     num_workers: int = 4  # DataLoader worker processes per process
 
     def __post_init__(self) -> None:
         require_at_least(self, 1, "resolution", "batch_size")
+        if self.train_crop is not None and not 1 <= self.train_crop <= self.resolution:
+            raise ValueError(f"train_crop must be between 1 and the resolution ({self.resolution}), "
+                             f"got {self.train_crop}")
+
+    @property
+    def train_size(self) -> int:
+        """The side of the images a training step sees."""
+        return self.resolution if self.train_crop is None else self.train_crop
 
 
 @dataclass(frozen=True)
@@ -232,8 +244,13 @@ def build_train_loader(config: TokenizerTrainConfig, per_device_batch: int, rank
 
     from data.sources import build_image_dataset
 
+    from data.transforms import RandomWindows, RandomWindowStream
+
     dataset = build_image_dataset(config.data.data, split="train", resolution=config.data.resolution, train=True,
                                   rank=rank, world_size=world_size, seed=config.run.seed)
+    if config.data.train_crop is not None and config.data.train_crop != config.data.resolution:
+        window = RandomWindowStream if isinstance(dataset, IterableDataset) else RandomWindows
+        dataset = window(dataset, config.data.train_crop)
     if isinstance(dataset, IterableDataset):
         loader = DataLoader(dataset, batch_size=per_device_batch, num_workers=config.data.num_workers, drop_last=True)
         return loader, None, None
@@ -358,6 +375,9 @@ def check_inputs(config: TokenizerTrainConfig) -> None:
     downsample = encoder_downsample(config.model)
     if config.data.resolution % downsample:
         raise ValueError(f"resolution {config.data.resolution} is not divisible by the encoder's downsample factor "
+                         f"{downsample}: use a multiple of {downsample}")
+    if config.data.train_size % downsample:
+        raise ValueError(f"train_crop {config.data.train_crop} is not divisible by the encoder's downsample factor "
                          f"{downsample}: use a multiple of {downsample}")
 
 
@@ -487,6 +507,7 @@ def train_tokenizer(config: TokenizerTrainConfig) -> Path:
         save_final_model(raw_tokenizer, ema, final_dir, {
             "step": result.step,
             "data": str(config.data.data), "resolution": config.data.resolution,
+            **({"train_crop": config.data.train_crop} if config.data.train_crop is not None else {}),
             "global_batch_size": config.data.batch_size})
     accelerator.wait_for_everyone()
     return final_dir
