@@ -469,6 +469,10 @@ class EffNetFeatures:
         self.size = size
         self.device = torch.device(device)
         self.network = load_effnet_lite0(num_classes_head=True, weights_path=weights_path).to(self.device)
+        if self.device.type == "cpu":
+            # oneDNN's depthwise convolutions run NHWC much faster: measured 1.8× (64 images at 224², 2 cores),
+            # features equal within 1e-5 (relative 1e-6). Not measured on CUDA, so left as it is there.
+            self.network.to(memory_format=torch.channels_last)
         self.mean = torch.tensor(EFFNET_LITE_MEAN, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(EFFNET_LITE_STD, device=self.device).view(1, 3, 1, 1)
 
