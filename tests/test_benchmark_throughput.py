@@ -131,9 +131,13 @@ def test_quick_train_mode_times_every_step_eager_and_compiled_and_the_reader(tmp
                                       torch.zeros(batch, dtype=torch.long)))
     assert rows[("dit", "eager")]["gflop_per_step"] * 1e9 == pytest.approx(3 * forward, rel=0.05)
     assert set(report["compiled_over_eager"]) == {"tokenizer", "tokenizer+perceptual", "dit"}
-    assert report["reader"]["latents_per_s"] > 0 and report["reader"]["latent_shape"] == [4, 8, 8]
+    reader = report["reader"]
+    assert [row["num_workers"] for row in reader["rows"]] == [0, 1]  # in the process, and through a worker
+    assert all(row["latents_per_s"] > 0 and row["first_window_latents_per_s"] > 0 for row in reader["rows"])
+    assert reader["checksum_us_per_latent"] > 0 and reader["latent_shape"] == [4, 8, 8]
     table = (out / "train_throughput.md").read_text()
     assert "eager / compiled step time" in table and "latents/s" in table and table.count("| dit |") == 3  # two rows and the ratio
+    assert "| DataLoader workers |" in table and "\n| 1 | " in table
     assert (out / "config.yaml").is_file()
 
 

@@ -26,6 +26,7 @@ import contextlib
 import dataclasses
 import gc
 import json
+import os
 import platform
 import statistics
 import time
@@ -316,7 +317,7 @@ def write_report(report: dict[str, Any], directory: Path) -> None:
 
 COMPILE_MODES = ("eager", "compiled")
 QUICK_TRAIN = dict(encoder="tiny", decoder="tiny", resolution=32, latent_size=8, reader_latents=64,
-                   reader_batch_size=16, matmul_size=256)
+                   reader_batch_size=16, reader_workers=(0, 1), matmul_size=256)
 
 
 @dataclass(frozen=True)
@@ -337,7 +338,10 @@ class TrainThroughputConfig(_BenchmarkRun):
     warmup_steps: int = 2  # untimed steps per row (a compiled row compiles in these)
     reader_latents: int = 4096  # latents written to temporary shards for the reader figure
     reader_batch_size: int = 256  # latents per reader batch
-    matmul_size: int = 2048  # side of the square matmul that measures the machine's rate
+    reader_workers: tuple[int, ...] = (0, 2)  # DataLoader workers of each reader row (0: read in the process)
+    # Side of the square matmul that measures the machine's rate: 4096, as `throughput` (a 2048² one ran 15-20%
+    # slower here, which flattered every fraction of it).
+    matmul_size: int = 4096
     output_dir: str | None = "runs/benchmark/train"  # directory for train_throughput.json + train_throughput.md
 
     def __post_init__(self) -> None:
@@ -352,6 +356,9 @@ class TrainThroughputConfig(_BenchmarkRun):
                 raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup-steps must be >= 0, got {self.warmup_steps}")
+        object.__setattr__(self, "reader_workers", tuple(self.reader_workers))
+        if not self.reader_workers or min(self.reader_workers) < 0:
+            raise ValueError(f"reader-workers must be one or more counts >= 0, got {list(self.reader_workers)}")
 
     def sized(self) -> "TrainThroughputConfig":
         """The quick variant's sizes applied (tiny models) when `quick`."""
@@ -454,12 +461,20 @@ def _training_dit(name: str, latent_size: int, overrides: dict[str, Any]):
 
 def shard_reader_rate(config: TrainThroughputConfig, say: Callable[..., None]) -> dict[str, Any]:
     """latents/s of `make_latent_loader` as the DiT trainer uses it (resampled, shuffled, random flip, posterior
-    sample, normalised; one process, no workers) over shards of random 4×s×s latents in a temporary directory."""
+    sample, normalised; one process) over shards of random 4×s×s latents in a temporary directory, with each
+    count of DataLoader workers in `reader_workers` (what the training process receives).
+
+    Two consecutive windows of `reader_latents` latents are timed: the first also checks the sha256 of each shard
+    as it is first drawn (once per process; a long run pays it once), the second is what the rest of a run sees.
+    The checksum's own cost is timed apart, per latent."""
+    import glob
     import tempfile
 
-    from data.latent_shards import LatentShardWriter, make_latent_loader, merge_manifests, rank_prefix
+    from data.latent_shards import (LatentShardWriter, file_sha256, make_latent_loader, merge_manifests,
+                                    rank_prefix)
 
     shape = (4, config.latent_size, config.latent_size)
+    rows = []
     with tempfile.TemporaryDirectory(prefix="latent-shards-") as directory:
         generator = torch.Generator().manual_seed(0)
         with LatentShardWriter(directory, rank_prefix(0), samples_per_shard=max(1, config.reader_latents // 4)) as w:
@@ -468,21 +483,31 @@ def shard_reader_rate(config: TrainThroughputConfig, say: Callable[..., None]) -
                 w.write(f"sample{i:07d}", i % 10, mean, logvar, mean.flip(-1), logvar.flip(-1))
         merge_manifests(directory, tokenizer_config={}, tokenizer_weights_sha256="benchmark",
                         class_names=[str(c) for c in range(10)])
-        loader, _ = make_latent_loader(directory, config.reader_batch_size, num_workers=0, resampled=True,
-                                       shuffle_buffer=min(1000, config.reader_latents), seed=0, flip=True,
-                                       sample_posterior=True, normalize=True)
-        batches = iter(loader)
-        next(batches)  # warm-up: opens the first shards, fills the shuffle buffer
-        count, start = 0, time.perf_counter()
-        while count < config.reader_latents:
-            latents, _ = next(batches)
-            count += latents.shape[0]
-        seconds = time.perf_counter() - start
-    result = {"latent_shape": list(shape), "latents": count, "batch_size": config.reader_batch_size,
-              "num_workers": 0, "seconds": seconds, "latents_per_s": count / seconds}
-    say(f"  latent-shard reader {'×'.join(map(str, shape))}: {result['latents_per_s']:.0f} latents/s "
-        f"({count} latents, batch {config.reader_batch_size}, 1 process, no workers)", flush=True)
-    return result
+        start = time.perf_counter()
+        for shard in sorted(glob.glob(os.path.join(directory, "*.tar"))):
+            file_sha256(shard)
+        checksum_us = 1e6 * (time.perf_counter() - start) / config.reader_latents
+        for workers in config.reader_workers:
+            loader, _ = make_latent_loader(directory, config.reader_batch_size, num_workers=workers, resampled=True,
+                                           shuffle_buffer=min(1000, config.reader_latents), seed=0, flip=True,
+                                           sample_posterior=True, normalize=True)
+            batches = iter(loader)
+            next(batches)  # starts the workers, opens the first shards, fills the shuffle buffers
+
+            def window() -> float:
+                count, start = 0, time.perf_counter()
+                while count < config.reader_latents:
+                    count += next(batches)[0].shape[0]
+                return count / (time.perf_counter() - start)
+
+            first, steady = window(), window()
+            del batches, loader  # stops the workers
+            rows.append({"num_workers": workers, "latents_per_s": steady, "first_window_latents_per_s": first})
+            say(f"  latent-shard reader {'×'.join(map(str, shape))}, {workers} workers: {steady:.0f} latents/s "
+                f"({first:.0f} in the first {config.reader_latents}, which check each shard's sha256: "
+                f"{checksum_us:.0f} µs per latent; batch {config.reader_batch_size}, 1 process)", flush=True)
+    return {"latent_shape": list(shape), "latents": config.reader_latents, "batch_size": config.reader_batch_size,
+            "checksum_us_per_latent": checksum_us, "rows": rows}
 
 
 def benchmark_training(config: TrainThroughputConfig) -> dict[str, Any]:
@@ -577,7 +602,11 @@ def train_markdown(report: dict[str, Any]) -> str:
         lines += ["", f"Compiled rows skipped: {report['compile_skipped']}."]
     reader = report["reader"]
     lines += ["", f"Latent-shard reader ({'×'.join(map(str, reader['latent_shape']))}, batch {reader['batch_size']}, "
-                  f"one process, no workers): {reader['latents_per_s']:.0f} latents/s."]
+                  f"one process; the first {reader['latents']} latents also check each shard's sha256 once, "
+                  f"{reader['checksum_us_per_latent']:.0f} µs per latent):", "",
+              "| DataLoader workers | latents/s | first window |", "|---|---|---|"]
+    lines += [f"| {row['num_workers']} | {row['latents_per_s']:.0f} | {row['first_window_latents_per_s']:.0f} |"
+              for row in reader["rows"]]
     return "\n".join(lines) + "\n"
 
 
