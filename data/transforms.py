@@ -155,12 +155,21 @@ def random_window(image: torch.Tensor, size: int, generator: torch.Generator | N
     return image[..., top:top + size, left:left + size]
 
 
-class RandomWindows(torch.utils.data.Dataset):
-    """A map-style `(image, label)` dataset whose images are cut to a random `size`×`size` window (torch's global
-    RNG: wrapped in a per-item seeded augmentation the windows replay exactly on resume)."""
+class _WindowedSource:
+    """What both window wrappers share: the wrapped source and its attributes (class_names, num_classes...)."""
 
     def __init__(self, dataset, size: int):
         self.dataset, self.size = dataset, size
+
+    def __getattr__(self, name: str):
+        if name == "dataset":  # not set yet (unpickling in a worker): no recursion
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
+class RandomWindows(_WindowedSource, torch.utils.data.Dataset):
+    """A map-style `(image, label)` dataset whose images are cut to a random `size`×`size` window (torch's global
+    RNG: wrapped in a per-item seeded augmentation the windows replay exactly on resume)."""
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -169,26 +178,13 @@ class RandomWindows(torch.utils.data.Dataset):
         image, label = self.dataset[index]
         return random_window(image, self.size), label
 
-    def __getattr__(self, name: str):  # class_names, num_classes, skipped... of the wrapped source
-        if name == "dataset":
-            raise AttributeError(name)
-        return getattr(self.dataset, name)
 
-
-class RandomWindowStream(torch.utils.data.IterableDataset):
+class RandomWindowStream(_WindowedSource, torch.utils.data.IterableDataset):
     """`RandomWindows` for streaming sources (webdataset): windows drawn from each worker's seeded global RNG."""
-
-    def __init__(self, dataset, size: int):
-        self.dataset, self.size = dataset, size
 
     def __iter__(self):
         for image, label in self.dataset:
             yield random_window(image, self.size), label
-
-    def __getattr__(self, name: str):
-        if name == "dataset":
-            raise AttributeError(name)
-        return getattr(self.dataset, name)
 
 
 @dataclass(frozen=True)

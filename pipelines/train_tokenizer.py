@@ -243,7 +243,6 @@ def build_train_loader(config: TokenizerTrainConfig, per_device_batch: int, rank
     from torch.utils.data import IterableDataset
 
     from data.sources import build_image_dataset
-
     from data.transforms import RandomWindows, RandomWindowStream
 
     dataset = build_image_dataset(config.data.data, split="train", resolution=config.data.resolution, train=True,

@@ -6,7 +6,9 @@ import json
 import pytest
 import torch
 
-from data.transforms import RandomWindows, random_window
+import pickle
+
+from data.transforms import RandomWindows, RandomWindowStream, random_window
 from pipelines import train_tokenizer as trainer
 from pipelines.train_tokenizer import SeededAugmentation, TokenizerTrainConfig, build_train_loader, train_tokenizer
 from tokenizer import load_tokenizer
@@ -37,6 +39,24 @@ def test_random_window_is_a_uniformly_placed_window_of_the_image():
         random_window(image, 7)
 
 
+class _Stream(torch.utils.data.IterableDataset):
+    class_names = ["a", "b"]
+
+    def __iter__(self):
+        for label in range(3):
+            yield torch.full((3, 8, 8), float(label)), label
+
+
+def test_a_streaming_source_gets_windows_too_and_both_wrappers_pickle_for_workers():
+    stream = RandomWindowStream(_Stream(), 4)
+    items = list(stream)
+    assert [label for _, label in items] == [0, 1, 2] and all(image.shape == (3, 4, 4) for image, _ in items)
+    assert stream.class_names == ["a", "b"]
+    copied = pickle.loads(pickle.dumps(RandomWindows([(torch.zeros(3, 8, 8), 1)], 4)))
+    assert copied[0][0].shape == (3, 4, 4) and len(copied) == 1
+    assert pickle.loads(pickle.dumps(stream)).class_names == ["a", "b"]
+
+
 def test_windows_replay_under_the_seeded_augmentation_and_keep_the_source_attributes(tmp_path):
     config = _config(tmp_path)
     first, _, augmented = build_train_loader(config, per_device_batch=4, rank=0, world_size=1)
@@ -52,10 +72,10 @@ def test_windows_replay_under_the_seeded_augmentation_and_keep_the_source_attrib
 
 def test_a_model_trained_on_windows_records_them_and_codes_whole_images(tmp_path, monkeypatch):
     seen = []
-    real_step = trainer.build_train_loader
+    real_builder = trainer.build_train_loader
 
     def recording_loader(*args, **kwargs):
-        loader, sampler, augmented = real_step(*args, **kwargs)
+        loader, sampler, augmented = real_builder(*args, **kwargs)
 
         def batches():
             for images, labels in loader:
