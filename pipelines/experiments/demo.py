@@ -87,8 +87,8 @@ DEMO_GENERATOR = GeneratorTrainConfig.from_flat(
 @dataclass(frozen=True)
 class DemoProfile:
     """Sizes and budgets of one demo run. `default` fits 15 minutes on 2 CPU cores with install; `16x` is the
-    paper's harder 16× compression at the same budget; `tiny` is for the tests. The two trainers' settings are
-    whole trainer configs (`override` of the above); every budget is a number of steps."""
+    paper's harder 16× compression (whole crops, 450 tokenizer steps); `tiny` is for the tests. The two trainers'
+    settings are whole trainer configs (`override` of the above); every budget is a number of steps."""
 
     resolution: int = 64
     tokenizer: TokenizerTrainConfig = DEMO_TOKENIZER
@@ -146,8 +146,9 @@ PROFILE_CHOICES: dict[str, str] = {
                "tokenizer trains on 32² windows and decodes 64² (the decoder generalises up, paper Table 1): a "
                "step costs 2.4× less, and in the time of 450 whole-crop steps 1200 window steps took the FD of "
                "decoded training crops from 116 to 101 (1800 steps, the default: 96).",
-    "16x": "Why this setting: the paper's 16× compression at the default's budgets, on whole 64² crops (a 4×4 "
-           "latent grid), to compare with the default's 8×.",
+    "16x": "Why this setting: the paper's 16× compression, to compare with the default's 8×: whole 64² crops (a "
+           "4×4 latent grid) and 450 tokenizer steps, as measured before the default trained on windows; the "
+           "DiT's budget is the default's.",
     "tiny": "Why this setting: seconds-long runs of every stage for the tests; its numbers mean nothing.",
 }
 
