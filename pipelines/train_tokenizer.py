@@ -247,9 +247,9 @@ def build_train_loader(config: TokenizerTrainConfig, per_device_batch: int, rank
 
     dataset = build_image_dataset(config.data.data, split="train", resolution=config.data.resolution, train=True,
                                   rank=rank, world_size=world_size, seed=config.run.seed)
-    if config.data.train_crop is not None and config.data.train_crop != config.data.resolution:
+    if config.data.train_size != config.data.resolution:
         window = RandomWindowStream if isinstance(dataset, IterableDataset) else RandomWindows
-        dataset = window(dataset, config.data.train_crop)
+        dataset = window(dataset, config.data.train_size)
     if isinstance(dataset, IterableDataset):
         loader = DataLoader(dataset, batch_size=per_device_batch, num_workers=config.data.num_workers, drop_last=True)
         return loader, None, None

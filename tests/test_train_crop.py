@@ -99,3 +99,10 @@ def test_a_model_trained_on_windows_records_them_and_codes_whole_images(tmp_path
 def test_train_crop_must_fit_the_resolution():
     with pytest.raises(ValueError, match=r"train_crop must be between 1 and the resolution \(32\), got 48"):
         _config("unused", train_crop=48)
+
+
+def test_resuming_with_another_window_is_refused_in_one_line(tmp_path):
+    train_tokenizer(_config(tmp_path / "run", max_steps=1))
+    checkpoint = sorted((tmp_path / "run" / "checkpoints").glob("step_*"))[-1]
+    with pytest.raises(ValueError, match=r"train_crop=16 \(now 8\)"):
+        _config(tmp_path / "run", train_crop=8).check_resume(checkpoint)
