@@ -325,7 +325,7 @@ class TrainThroughputConfig(_BenchmarkRun):
     """What `benchmark_training` times; the tokenizer defaults are the demo's (tiny-lite encoder, XS decoder)."""
 
     tokenizer_batch_size: int = 8  # images per tokenizer training step (the demo's)
-    resolution: int = 64  # tokenizer training image side (the demo's)
+    resolution: int = 64  # tokenizer training image side (the demo's crops; it trains on 32² windows of them)
     encoder: str | None = None  # encoder preset; None: the demo's (tiny-lite)
     decoder: str | None = None  # decoder preset; None: the demo's (XS)
     perceptual: str = "effnet-l0"  # perceptual network of the "with perceptual" rows (the demo's)
@@ -339,8 +339,8 @@ class TrainThroughputConfig(_BenchmarkRun):
     reader_latents: int = 4096  # latents written to temporary shards for the reader figure
     reader_batch_size: int = 256  # latents per reader batch
     reader_workers: tuple[int, ...] = (0, 2)  # DataLoader workers of each reader row (0: read in the process)
-    # Side of the square matmul that measures the machine's rate: 4096, as `throughput` (a 2048² one ran 15-20%
-    # slower here, which flattered every fraction of it).
+    # Side of the square matmul that measures the machine's rate: 4096, as `throughput` (a 2048² one ran slower
+    # here, 126.5 against 137.7-159.1 GFLOP/s, which flattered every fraction of it).
     matmul_size: int = 4096
     output_dir: str | None = "runs/benchmark/train"  # directory for train_throughput.json + train_throughput.md
 
