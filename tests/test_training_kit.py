@@ -452,15 +452,17 @@ def test_ema_with_ddp_style_wrapper_copy_to_and_swap():
         EMA(inner, 1.0)
 
 
-def test_foreach_ema_equals_the_per_tensor_loop():
-    """The multi-tensor update gives exactly the old per-tensor `mul_(decay).add_(p, alpha=1 - decay)`, for fp32
-    and bf16 models, with BatchNorm buffers (float and int) copied."""
+def test_foreach_ema_equals_the_per_tensor_lerp():
+    """The multi-tensor update gives exactly the per-tensor `lerp_(p, 1 - decay)`, and the textbook
+    `decay·ema + (1 - decay)·p` to float rounding, for fp32 and bf16 models, with BatchNorm buffers (float and int)
+    copied."""
     for dtype in (torch.float32, torch.bfloat16):
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.Linear(5, 2)).to(dtype)
         decay = 0.9
         ema = EMA(model, decay)
         reference = {k: v.clone() for k, v in ema.shadow.items()}
+        textbook = {k: v.clone() for k, v in ema.shadow.items()}
         averaged = {name for name, p in model.named_parameters()}
         for _ in range(4):
             with torch.no_grad():
@@ -470,11 +472,14 @@ def test_foreach_ema_equals_the_per_tensor_loop():
             ema.update(model)
             for name, value in model.state_dict().items():
                 if name in averaged:
-                    reference[name].mul_(decay).add_(value.float(), alpha=1 - decay)
+                    reference[name].lerp_(value.float(), 1 - decay)
+                    textbook[name].mul_(decay).add_(value.float(), alpha=1 - decay)
                 else:
                     reference[name].copy_(value)
+                    textbook[name].copy_(value)
             for name in reference:
                 assert torch.equal(ema.shadow[name], reference[name]), name
+                torch.testing.assert_close(ema.shadow[name], textbook[name], rtol=1e-6, atol=1e-6, msg=name)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -531,10 +536,12 @@ def test_clip_gradients_returns_norm_and_clips():
 
 
 def test_optimizer_is_multi_tensor_and_matches_plain_adam():
-    """foreach Adam on the CPU, fused Adam on CUDA; the same updates as the per-parameter loop."""
+    """Fused Adam on the CPU and CUDA (foreach on a device without a fused kernel); the same updates as the
+    per-parameter loop, to float rounding."""
     from pipelines.kit.optim import multi_tensor_options
 
-    assert multi_tensor_options("cuda") == {"fused": True} and multi_tensor_options("cpu") == {"foreach": True}
+    assert multi_tensor_options("cuda") == {"fused": True} and multi_tensor_options("cpu") == {"fused": True}
+    assert multi_tensor_options("meta") == {"foreach": True}
     for config in (OptimizerConfig(lr=1e-2, betas=(0.0, 0.999)),
                    OptimizerConfig(lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True)):
         torch.manual_seed(0)
@@ -542,7 +549,7 @@ def test_optimizer_is_multi_tensor_and_matches_plain_adam():
         plain_model = ToyMLP().eval()
         plain_model.load_state_dict(model.state_dict())
         optimizer = build_optimizer(model, config)
-        assert optimizer.defaults["foreach"] is True
+        assert optimizer.defaults["fused"] is True
         plain_class = torch.optim.AdamW if config.decoupled_weight_decay else torch.optim.Adam
         plain = plain_class(param_groups(plain_model, config.weight_decay), lr=config.lr, betas=config.betas,
                             eps=config.eps, foreach=False)

