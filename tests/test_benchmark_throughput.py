@@ -117,10 +117,13 @@ def test_quick_train_mode_times_every_step_eager_and_compiled_and_the_reader(tmp
     report = json.loads((out / "train_throughput.json").read_text())
     rows = {(r["workload"], r["mode"]): r for r in report["rows"]}
     assert set(rows) == {(w, m) for w in ("tokenizer", "tokenizer+perceptual", "dit") for m in ("eager", "compiled")}
-    rate = report["machine"]["matmul_gflops"]
+    assert report["machine"]["matmul_gflops"] > 0
     for (workload, mode), row in rows.items():
         assert row["step_s"] > 0 and row["gflop_per_step"] > 0
-        assert row["matmul_fraction"] == pytest.approx(row["gflop_per_step"] / row["step_s"] / rate)
+        # each row's fraction is of the matmul timed right before and after its own steps
+        before, after = row["matmul_gflops_before_after"]
+        assert row["matmul_gflops"] == pytest.approx((before + after) / 2) and min(before, after) > 0
+        assert row["matmul_fraction"] == pytest.approx(row["gflop_per_step"] / row["step_s"] / row["matmul_gflops"])
         assert (row["compile_s"] is not None) == (mode == "compiled")
         assert f"  {workload} {mode}:" in printed  # printed as it was measured
     # The DiT row counts the forward and the backward: 3× the forward's FLOPs (backward = 2 matmuls per matmul).
@@ -136,6 +139,7 @@ def test_quick_train_mode_times_every_step_eager_and_compiled_and_the_reader(tmp
     assert all(row["latents_per_s"] > 0 and row["first_window_latents_per_s"] > 0 for row in reader["rows"])
     assert reader["checksum_us_per_latent"] > 0 and reader["latent_shape"] == [4, 8, 8]
     table = (out / "train_throughput.md").read_text()
+    assert "matmul GFLOP/s before / after" in table
     assert "eager / compiled step time" in table and "latents/s" in table and table.count("| dit |") == 3  # two rows and the ratio
     assert "| DataLoader workers |" in table and "\n| 1 | " in table
     assert (out / "config.yaml").is_file()

@@ -334,7 +334,7 @@ class TrainThroughputConfig(_BenchmarkRun):
     latent_size: int = 32  # latent side of the DiT step and of the shard reader (4 channels)
     modes: tuple[str, ...] = COMPILE_MODES  # eager and/or compiled (torch.compile, in place)
     precision: str = "auto"  # autocast precision of the steps (auto: this device's fast one)
-    timed_steps: int = 3  # steps timed per row (median), after the warm-up steps
+    timed_steps: int = 5  # steps timed per row (median), after the warm-up steps
     warmup_steps: int = 2  # untimed steps per row (a compiled row compiles in these)
     reader_latents: int = 4096  # latents written to temporary shards for the reader figure
     reader_batch_size: int = 256  # latents per reader batch
@@ -551,15 +551,24 @@ def _benchmark_training(config: TrainThroughputConfig) -> dict[str, Any]:
                 step()  # the compile happens here (and any recompiles in the warm-up steps below)
                 synchronize(device)
                 compile_s = time.perf_counter() - start
-            seconds = time_call(step, device, repeats=sized.timed_steps, warmup=sized.warmup_steps)
+            for _ in range(sized.warmup_steps):
+                step()
+            # The reference is timed right before and right after this row's steps: a shared machine's speed
+            # drifts by 10-20% over minutes, and the fraction should compare the step with the machine as it was.
+            before = matmul_gflops(sized.matmul_size, device, precision, repeats=2)
+            seconds = time_call(step, device, repeats=sized.timed_steps, warmup=0)
+            after = matmul_gflops(sized.matmul_size, device, precision, repeats=2)
+            reference = (before + after) / 2
             achieved = flops / seconds / 1e9
             row = {"workload": name, **what, "mode": mode, "precision": precision, "step_s": seconds,
                    "items_per_s": what["batch_size"] / seconds, "gflop_per_step": flops / 1e9,
-                   "achieved_gflops": achieved, "matmul_fraction": achieved / machine["matmul_gflops"],
+                   "achieved_gflops": achieved, "matmul_gflops": reference,
+                   "matmul_gflops_before_after": [before, after], "matmul_fraction": achieved / reference,
                    "compile_s": compile_s, "timed_steps": sized.timed_steps}
             rows.append(row)
             say(f"  {name} {mode}: {1e3 * seconds:.0f} ms/step, {row['items_per_s']:.3g} items/s, "
-                f"{achieved:.1f} GFLOP/s ({100 * row['matmul_fraction']:.0f}% of matmul)"
+                f"{achieved:.1f} GFLOP/s ({100 * row['matmul_fraction']:.0f}% of the matmul's {reference:.1f}, "
+                f"timed {before:.1f} before and {after:.1f} after)"
                 + (f", first step {compile_s:.1f} s" if compile_s is not None else ""), flush=True)
         del step, modules
         gc.collect()
@@ -568,7 +577,8 @@ def _benchmark_training(config: TrainThroughputConfig) -> dict[str, Any]:
               "reader": shard_reader_rate(sized, say),
               "note": "FLOPs counted by FlopCounterMode on one eager step (forward + backward: matmuls, "
                       "convolutions, attention); step = forward, backward, Adam, EMA; median of "
-                      f"{sized.timed_steps} steps after {sized.warmup_steps} warm-up steps"}
+                      f"{sized.timed_steps} steps after {sized.warmup_steps} warm-up steps; each fraction is of the "
+                      "mean of two matmul timings taken right before and right after the row's steps"}
     if config.output_dir:
         write_train_report(report, Path(config.output_dir))
     return report
@@ -587,14 +597,15 @@ def train_markdown(report: dict[str, Any]) -> str:
              f"{machine['precision']}; {machine['matmul_size']}² matmul: {machine['matmul_gflops']:.1f} GFLOP/s.",
              f"{report['note']}.", "",
              "| workload | model (params) | batch × shape | mode | step (ms) | items/s | GFLOP/step | GFLOP/s "
-             "(of matmul) | first step (s) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "(of matmul) | matmul GFLOP/s before / after | first step (s) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
         first = f"{r['compile_s']:.1f}" if r["compile_s"] is not None else "–"
         lines.append(
             f"| {r['workload']} | {r['model']} ({r['params_m']:.3g}M) | {r['batch_size']} × "
             f"{'×'.join(map(str, r['shape']))} | {r['mode']} | {1e3 * r['step_s']:.0f} | {r['items_per_s']:.3g} | "
-            f"{r['gflop_per_step']:.4g} | {r['achieved_gflops']:.4g} ({100 * r['matmul_fraction']:.0f}%) | {first} |")
+            f"{r['gflop_per_step']:.4g} | {r['achieved_gflops']:.4g} ({100 * r['matmul_fraction']:.0f}%) | "
+            f"{' / '.join(f'{g:.1f}' for g in r['matmul_gflops_before_after'])} | {first} |")
     if report["compiled_over_eager"]:
         lines += ["", "| workload | eager / compiled step time |", "|---|---|"]
         lines += [f"| {name} | {ratio:.2f}× |" for name, ratio in report["compiled_over_eager"].items()]
