@@ -4,7 +4,8 @@
   A job imports the kit and the model/data layers (`tokenizer`, `generator`, `data`), never another job.
 - `pipelines.kit`: what more than one job needs: run set-up (`run`), optimiser (`optim`), the training loop
   skeleton and step helpers (`loop`), `ema`, `checkpoints`, `logging`, `precision`, image metrics (`metrics`),
-  generation (`generation`), FID (`fid`) and the crash-injection hook (`faults`).
+  generation (`generation`), FID (`fid`), the crash-injection hook (`faults`) and the CPU allocator setting
+  (`allocator`).
 - `pipelines.experiments`: the paper's controlled studies, the throughput benchmark and the offline demo; they
   run jobs, nothing imports them.
 

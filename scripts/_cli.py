@@ -107,6 +107,9 @@ def _write_line(text: str) -> None:
 
 def run_main(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> int:
     """Run a script's `main(argv)`; user errors → `error: <one line>` on stderr, exit 2 (run failures: exit 1)."""
+    from pipelines.kit.allocator import keep_freed_memory
+
+    keep_freed_memory()  # CPU steps reuse their freed activations instead of faulting fresh pages in
     try:
         main(argv)
     except (*USER_ERRORS, *_extra_user_errors()) as error:

@@ -13,6 +13,10 @@ os.environ.setdefault("TORCH_HOME", os.path.join(os.path.dirname(__file__), ".to
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from pipelines.kit.allocator import keep_freed_memory  # noqa: E402
+
+keep_freed_memory()  # as every script does (`run_main`): the in-process tests train on the CPU the same way
+
 
 @pytest.fixture(autouse=True)
 def _seed_everything():
