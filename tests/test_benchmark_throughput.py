@@ -36,6 +36,9 @@ def test_quick_throughput_writes_json_and_markdown_with_every_component(tmp_path
         # the composed figure is exactly what the docstring promises
         decode = row["decode_s"]["3" if kind == "eps-vae" else "1"]
         assert row["pipeline_s_per_batch"] == pytest.approx(250 * row["dit_step_s"] + decode)
+        # the DiT's fraction is of the matmul timed right before and after its own forwards
+        reference = sum(row["dit_matmul_gflops_before_after"]) / 2
+        assert row["dit_matmul_fraction"] == pytest.approx(row["dit_gflop_per_forward"] / row["dit_step_s"] / reference)
     # 16× compression has a quarter of the tokens of 8×, so fewer DiT FLOPs per forward
     assert rows[("16x", "vae", "fp32")]["tokens"] * 4 == rows[("8x", "vae", "fp32")]["tokens"]
     assert rows[("16x", "vae", "fp32")]["dit_gflop_per_forward"] < rows[("8x", "vae", "fp32")]["dit_gflop_per_forward"]
@@ -43,7 +46,7 @@ def test_quick_throughput_writes_json_and_markdown_with_every_component(tmp_path
         (k, p) for k in ("eps-vae", "vae") for p in ("fp32", "bf16")}
     assert report["machine"]["matmul_gflops"]["fp32"] > 0
     table = (out / "throughput.md").read_text()
-    assert "extrapolated from 1 timed steps" in table and "16× / 8×" in table
+    assert "extrapolated from 1 timed steps" in table and "16× / 8×" in table and "before and after" in table
     assert table.count("| 8x") == 4 and table.count("| 16x") == 4
 
 

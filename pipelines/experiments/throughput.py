@@ -217,9 +217,15 @@ def _benchmark(config: ThroughputConfig) -> dict[str, Any]:
         dit_flops = count_flops(lambda: dit(z, t, y))
         for precision in precisions:
             with autocast(device, precision):
-                dit_step = time_call(lambda: dit(z, t, y), device, repeats=config.timed_steps, warmup=1)
+                dit(z, t, y)  # warm-up
+                # The reference is timed right before and after the forwards (a shared machine drifts 10-20%).
+                before = matmul_gflops(matmul_size, device, precision, repeats=2)
+                dit_step = time_call(lambda: dit(z, t, y), device, repeats=config.timed_steps, warmup=0)
+                after = matmul_gflops(matmul_size, device, precision, repeats=2)
+            dit_reference = (before + after) / 2
             say(f"  {compression} {precision} DiT step: {1e3 * dit_step:.1f} ms "
-                f"({dit_flops / dit_step / 1e9:.1f} GFLOP/s)", flush=True)
+                f"({dit_flops / dit_step / 1e9:.1f} GFLOP/s, {100 * dit_flops / dit_step / 1e9 / dit_reference:.0f}% "
+                f"of the matmul's {dit_reference:.1f}, timed {before:.1f} before and {after:.1f} after)", flush=True)
             for kind, tokenizer in tokenizers.items():
                 tokenizer.to(device).eval()
                 decode: dict[str, float] = {}
@@ -245,7 +251,8 @@ def _benchmark(config: ThroughputConfig) -> dict[str, Any]:
                     "decoder_preset": tokenizer.config.decoder_preset, "precision": precision,
                     "batch_size": batch, "dit_step_s": dit_step, "dit_gflop_per_forward": dit_flops / 1e9,
                     "dit_achieved_gflops": dit_flops / dit_step / 1e9,
-                    "dit_matmul_fraction": dit_flops / dit_step / 1e9 / machine["matmul_gflops"][precision],
+                    "dit_matmul_gflops_before_after": [before, after],
+                    "dit_matmul_fraction": dit_flops / dit_step / 1e9 / dit_reference,
                     "decode_s": decode, "encode_s": encode,
                     "pipeline_decode_steps": pipeline_steps if iterative else None,
                     "pipeline_s_per_batch": seconds, "pipeline_images_per_s": batch / seconds,
@@ -257,7 +264,8 @@ def _benchmark(config: ThroughputConfig) -> dict[str, Any]:
               "dit": config.dit + (" (quick: tiny)" if config.quick else ""),
               "dit_params_m": None, "rows": rows, "speedups": speedups(rows),
               "note": f"pipeline images/s = batch / ({config.ddpm_steps} × DiT step + decode): DiT time "
-                      f"extrapolated from {config.timed_steps} timed steps"}
+                      f"extrapolated from {config.timed_steps} timed steps; each DiT fraction is of the mean of two "
+                      "matmul timings taken right before and after its forwards"}
     with torch.device("meta"):
         report["dit_params_m"] = count_parameters(build_dit(config, 4, image_size // 8)) / 1e6
     if config.output_dir:
