@@ -474,7 +474,7 @@ class _BadShardPolicy(SkipCounter):
         return super().__call__(exn)
 
 
-TAR_BLOCK = 512
+_TAR_BLOCK = 512
 _REGULAR_FILE_TYPES = (b"0", b"\0")
 _DIRECTORY_TYPE = b"5"
 
@@ -498,9 +498,9 @@ def _ustar_members(data, url: str) -> list[tuple[str, int, int]]:
     shard's sha256 has already been checked against the manifest, so only name, size and type are needed here.
     """
     members, offset, end = [], 0, len(data)
-    while offset + TAR_BLOCK <= end:
-        header = data[offset:offset + TAR_BLOCK]
-        if header.count(0) == TAR_BLOCK:  # end-of-archive marker
+    while offset + _TAR_BLOCK <= end:
+        header = data[offset:offset + _TAR_BLOCK]
+        if header.count(0) == _TAR_BLOCK:  # end-of-archive marker
             break
         if header[257:262] != b"ustar":
             raise _NotPlainUstar("not a ustar header")
@@ -510,12 +510,12 @@ def _ustar_members(data, url: str) -> list[tuple[str, int, int]]:
             name = header[0:100].split(b"\0", 1)[0]
             prefix = header[345:500].split(b"\0", 1)[0]
             full = (prefix + b"/" + name if prefix else name).decode("utf-8")
-            if offset + TAR_BLOCK + size > end:
+            if offset + _TAR_BLOCK + size > end:
                 raise ValueError(f"member {full} runs past the end of the archive (truncated shard)", url)
-            members.append((full, offset + TAR_BLOCK, size))
+            members.append((full, offset + _TAR_BLOCK, size))
         elif kind != _DIRECTORY_TYPE:
             raise _NotPlainUstar(f"member type {kind!r}")
-        offset += TAR_BLOCK + (size + TAR_BLOCK - 1) // TAR_BLOCK * TAR_BLOCK
+        offset += _TAR_BLOCK + (size + _TAR_BLOCK - 1) // _TAR_BLOCK * _TAR_BLOCK
     return members
 
 

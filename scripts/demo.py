@@ -7,7 +7,7 @@ finished stages of the same settings (demo.json; other settings are refused, nev
 (make demo FRESH=1) starts over.
 
 Examples:
-    python scripts/demo.py                                    # ~12 min on 2 CPU cores, run alone
+    python scripts/demo.py                                    # ~10 min on 2 CPU cores, run alone
     python scripts/demo.py --profile 16x --output-dir runs/demo-16x   # the paper's harder 16× compression
     python scripts/demo.py --profile tiny --output-dir /tmp/demo --fresh
 """
@@ -27,7 +27,7 @@ def build_parser():
                         help="where the demo writes its stages and report (default: runs/demo)")
     add_deprecated_alias(parser, "--out", OUTPUT_DIR_FLAG, "output_dir")
     parser.add_argument("--profile", default="default", choices=sorted(PROFILES),
-                        help="default: 8× ε-VAE, ~12 min on 2 CPU cores; 16x: 16× ε-VAE on whole crops (450 tokenizer steps); tiny: seconds (tests)")
+                        help="default: 8× ε-VAE, ~10 min on 2 CPU cores; 16x: 16× ε-VAE on whole crops (450 tokenizer steps); tiny: seconds (tests)")
     parser.add_argument("--fresh", action="store_true", help="delete the output directory and start over")
     return parser
 
