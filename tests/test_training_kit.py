@@ -753,3 +753,31 @@ def test_loop_skips_a_non_finite_batch_without_counting_it(tmp_path):
                           LoopPlan(max_steps=6, log_every=1, checkpoint_every=100), start_step=3, guard=guard,
                           metrics_log=MetricsLogger(tmp_path / "m2.jsonl", accelerator=accelerator),
                           save_checkpoint=saved.append, resumed=True)
+
+
+def test_ranks_agree_on_the_clock_only_when_there_is_one(tmp_path, monkeypatch):
+    """Without `max_minutes` the loop pays no per-step collective (nor its host sync) for the clock; with one it
+    checks after every update, and a clock that has run out stops the run after one update, checkpointed."""
+    import pipelines.kit.run as run_module
+
+    agreements = []
+    real_any_rank = run_module.any_rank
+    monkeypatch.setattr(run_module, "any_rank", lambda accelerator, flag: agreements.append(flag)
+                        or real_any_rank(accelerator, flag))
+    accelerator = make_accelerator(AcceleratorConfig(seed=0, cpu=True))
+    model = nn.Linear(3, 1)
+    optimizer = build_optimizer(model, OptimizerConfig(lr=0.1))
+    network = OptimizedModule("m", model, optimizer, warmup_scheduler(optimizer, warmup_steps=1))
+
+    def body(batch, step):
+        return StepOutput(losses=[model(batch).pow(2).mean()], batch_size=batch.shape[0])
+
+    for max_minutes, expected, steps in ((None, [], 4), (1000.0, [False] * 4, 4), (0.0, [True], 1)):
+        agreements.clear()
+        saved = []
+        result = run_training_loop(accelerator, iter(torch.randn(10, 4, 3)), body, [network],
+                                   LoopPlan(max_steps=4, log_every=2, checkpoint_every=100, max_minutes=max_minutes),
+                                   start_step=0, guard=NonFiniteGuard(), resumed=False, save_checkpoint=saved.append,
+                                   metrics_log=MetricsLogger(tmp_path / f"{max_minutes}.jsonl", accelerator=accelerator))
+        assert (result.step, result.stopped_by_clock, saved) == (steps, max_minutes == 0.0, [steps])
+        assert agreements == expected

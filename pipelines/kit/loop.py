@@ -222,6 +222,10 @@ def run_training_loop(
     grids), the log record, checkpoints every `checkpoint_every` and at the end, and the wall-clock budget
     (ranks stop together). The last state is always checkpointed, so a finished or stopped run resumes exactly.
 
+    Host syncs: one per micro-batch, the non-finite check of step 2 (one flag read before backward, reduced over
+    ranks), which is what lets a poisoned batch change nothing; with `max_minutes` one more per update (the ranks'
+    clocks). Losses, gradient norms and other scalars are read on log steps only.
+
     Logged every `log_every` updates: the body's scalars, `grad_norm` (`grad_norm_<name>` with several networks,
     before clipping), `lr` (of the first network), `steps_per_s`, `<throughput_name>` (samples of all ranks per
     second) and `nonfinite_skipped`.
@@ -285,8 +289,10 @@ def run_training_loop(
                 record.update(output.log_extra())
             metrics_log.log(step, record)
             window_start, window_samples, window_steps = time.monotonic(), 0, 0
-        out_of_time = plan.max_minutes is not None and (time.monotonic() - started) / 60 >= plan.max_minutes
-        stopped_by_clock = any_rank(accelerator, out_of_time)
+        # Ranks agree on the clock only when there is one: without `max_minutes` no rank can run out of time, and
+        # the agreement is a collective plus a host sync that every step would otherwise pay.
+        if plan.max_minutes is not None:
+            stopped_by_clock = any_rank(accelerator, (time.monotonic() - started) / 60 >= plan.max_minutes)
         if step % plan.checkpoint_every == 0 or step >= plan.max_steps or stopped_by_clock:
             save_checkpoint(step)
             last_checkpoint_step = step
