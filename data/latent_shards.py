@@ -475,6 +475,7 @@ class _BadShardPolicy(SkipCounter):
 
 
 _TAR_BLOCK = 512
+_POSIX_USTAR_MAGIC = b"ustar\x0000"  # magic and version
 _REGULAR_FILE_TYPES = (b"0", b"\0")
 _DIRECTORY_TYPE = b"5"
 
@@ -502,8 +503,8 @@ def _ustar_members(data, url: str) -> list[tuple[str, int, int]]:
         header = data[offset:offset + _TAR_BLOCK]
         if header.count(0) == _TAR_BLOCK:  # end-of-archive marker
             break
-        if header[257:262] != b"ustar":
-            raise _NotPlainUstar("not a ustar header")
+        if header[257:265] != _POSIX_USTAR_MAGIC:  # GNU's "ustar  \0" reuses the prefix field: tarfile reads it
+            raise _NotPlainUstar("not a POSIX ustar header")
         kind = header[156:157]
         size = _octal(header[124:136])
         if kind in _REGULAR_FILE_TYPES:

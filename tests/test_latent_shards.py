@@ -251,13 +251,15 @@ def test_batched_reader_gives_the_per_sample_values_and_a_partial_last_batch(tmp
     assert sizes == [3] * 5
 
 
-def _rewrite_as_pax(path) -> None:
-    """Rewrite a shard with a PAX header before each member (a float mtime needs one), keeping its samples."""
+def _rewrite(path, tar_format: int) -> None:
+    """Rewrite a shard in another tar format, keeping its samples (PAX: a header before each member, which a
+    float mtime needs; GNU: GNU's magic, whose header reuses the ustar prefix field for other data)."""
     with tarfile.open(path) as archive:
         members = [(m, archive.extractfile(m).read()) for m in archive.getmembers()]
-    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as archive:
+    with tarfile.open(path, "w", format=tar_format) as archive:
         for member, data in members:
-            member.mtime = 1.5  # a float mtime makes tarfile write a PAX header
+            if tar_format == tarfile.PAX_FORMAT:
+                member.mtime = 1.5
             archive.addfile(member, io.BytesIO(data))
 
 
@@ -268,7 +270,8 @@ def _read_back(out_dir) -> dict[int, torch.Tensor]:
 
 def test_fast_tar_index_matches_tarfile_and_other_tar_formats_still_read(tmp_path):
     """The reader parses the writer's plain ustar headers itself (tarfile's header decoding was a third of its
-    time); its index equals tarfile's, and a shard with PAX headers (another tool's rewrite) reads the same."""
+    time); its index equals tarfile's, and a shard rewritten with PAX headers or in GNU format (another tool's
+    rewrite) goes through tarfile and reads the same."""
     from data.latent_shards import _NotPlainUstar, _tarfile_members, _ustar_members
 
     _write_rank(tmp_path, 0, range(5))
@@ -281,15 +284,16 @@ def test_fast_tar_index_matches_tarfile_and_other_tar_formats_still_read(tmp_pat
     plain = _read_back(tmp_path)
     assert sorted(plain) == list(range(5))
 
-    _rewrite_as_pax(shard)
-    with pytest.raises(_NotPlainUstar):
-        _ustar_members(shard.read_bytes(), str(shard))
-    manifest["shards"][0]["sha256"] = file_sha256(str(shard))
-    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
-    pax = _read_back(tmp_path)
-    assert sorted(pax) == sorted(plain)
-    for label, latent in plain.items():
-        assert torch.equal(pax[label], latent)
+    for tar_format in (tarfile.PAX_FORMAT, tarfile.GNU_FORMAT):
+        _rewrite(shard, tar_format)
+        with pytest.raises(_NotPlainUstar):
+            _ustar_members(shard.read_bytes(), str(shard))
+        manifest["shards"][0]["sha256"] = file_sha256(str(shard))
+        (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+        rewritten = _read_back(tmp_path)
+        assert sorted(rewritten) == sorted(plain)
+        for label, latent in plain.items():
+            assert torch.equal(rewritten[label], latent)
 
 
 def test_broken_archive_behind_a_matching_checksum_is_named_or_skipped(tmp_path):
