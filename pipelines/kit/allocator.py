@@ -21,7 +21,7 @@ def keep_freed_memory() -> bool:
     in again page by page. Here every block comes from the heap (no mmap: glibc caps its mmap threshold at 32 MB,
     and batched encoding and evaluation allocate larger ones) and the heap is never trimmed. Measured on 2 cores
     (a VM): the demo's tokenizer step 1.11-1.44× faster (A/B in one process, 32 MB threshold); the whole demo 15.6M
-    → 1.6M page faults with the same peak RSS (2.45 GB), its cache stage 13 → 6 s, evaluation 86 → 74 s. Only where
+    → 1.7M page faults, peak RSS 2.45-2.61 GB against 2.48, its cache stage 13 → 6 s, evaluation 86 → 74 s. Only where
     memory comes from changes, never a result; the process keeps its peak heap instead of shrinking after it.
     Linux with glibc only (elsewhere: False, and nothing happens); a user's own MALLOC_* / GLIBC_TUNABLES settings
     are left alone. The scripts call it first.
