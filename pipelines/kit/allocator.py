@@ -20,9 +20,9 @@ def keep_freed_memory() -> bool:
     training step frees and reallocates the same multi-MB activations every step, so each reallocation is faulted
     in again page by page. Here every block comes from the heap (no mmap: glibc caps its mmap threshold at 32 MB,
     and batched encoding and evaluation allocate larger ones) and the heap is never trimmed. Measured on 2 cores
-    (a VM): the demo's tokenizer step 1.11-1.44× faster (A/B in one process, 32 MB threshold); the whole demo 15.6M
-    → 1.7M page faults, peak RSS 2.45-2.61 GB against 2.48, its cache stage 13 → 6 s, evaluation 86 → 74 s. Only where
-    memory comes from changes, never a result; the process keeps its peak heap instead of shrinking after it.
+    (a VM): the demo's tokenizer step 1.11-1.44× faster (A/B in one process, 32 MB threshold); the whole demo
+    15.6M → 1.7M page faults, peak RSS 2.45-2.61 GB against 2.48, its cache stage 13 → 6 s, evaluation 86 → 74 s.
+    Only where memory comes from changes, never a result; the process keeps its peak heap instead of shrinking.
     Linux with glibc only (elsewhere: False, and nothing happens); a user's own MALLOC_* / GLIBC_TUNABLES settings
     are left alone. The scripts call it first.
     """
