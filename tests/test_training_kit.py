@@ -779,6 +779,7 @@ def test_ranks_agree_on_the_clock_only_when_there_is_one(tmp_path, monkeypatch):
                                    LoopPlan(max_steps=4, log_every=2, checkpoint_every=100, max_minutes=max_minutes),
                                    start_step=0, guard=NonFiniteGuard(), resumed=False,
                                    save_checkpoint=saved.append,
-                                   metrics_log=MetricsLogger(tmp_path / f"{max_minutes}.jsonl", accelerator=accelerator))
+                                   metrics_log=MetricsLogger(tmp_path / f"{max_minutes}.jsonl",
+                                                             accelerator=accelerator))
         assert (result.step, result.stopped_by_clock, saved) == (steps, max_minutes == 0.0, [steps])
         assert agreements == expected
