@@ -114,7 +114,8 @@ def test_quick_train_mode_times_every_step_eager_and_compiled_and_the_reader(tmp
     monkeypatch.setattr(compiling, "COMPILE_BACKEND", "aot_eager")
     out = tmp_path / "train"
     code = run_main(load_script().main, ["train", "--quick", "--timed-steps", "1", "--warmup-steps", "1",
-                                         "--threads", "1", "--perceptual", "none", "--output-dir", str(out)])
+                                         "--threads", "1", "--perceptual", "none", "--profiled-steps", "1",
+                                         "--output-dir", str(out)])
     assert code == 0
     printed = capsys.readouterr().out
     report = json.loads((out / "train_throughput.json").read_text())
@@ -143,9 +144,34 @@ def test_quick_train_mode_times_every_step_eager_and_compiled_and_the_reader(tmp
     assert reader["checksum_us_per_latent"] > 0 and reader["latent_shape"] == [4, 8, 8]
     table = (out / "train_throughput.md").read_text()
     assert "matmul GFLOP/s before / after" in table
-    assert "eager / compiled step time" in table and "latents/s" in table and table.count("| dit |") == 3  # two rows and the ratio
+    assert "eager / compiled step time" in table and "latents/s" in table
+    assert sum(line.startswith("| dit |") for line in table.splitlines()) == 3  # two rows and the ratio
     assert "| DataLoader workers |" in table and "\n| 1 | " in table
     assert (out / "config.yaml").is_file()
+    # Each workload's eager step, profiled before the compiled row replaces its modules' forwards.
+    profiles = report["profiles"]
+    assert set(profiles) == {"tokenizer", "tokenizer+perceptual", "dit"}
+    for name, profile in profiles.items():
+        kinds = profile["kinds_ms_per_step"]
+        assert sum(kinds.values()) == pytest.approx(profile["op_ms_per_step"])
+        assert 0 < profile["op_ms_per_step"] <= 1.05 * profile["wall_ms_per_step"]
+        assert printed.index(f"  {name} eager:") < printed.index(f"  {name} eager under the profiler") < \
+            printed.index(f"  {name} compiled:")
+    assert profiles["tokenizer"]["kinds_ms_per_step"]["convolution"] > 0
+    assert profiles["dit"]["kinds_ms_per_step"]["matmul"] > 0
+    assert "Where an eager step's time goes" in table and "\n| convolution | " in table
+
+
+def test_op_kinds_of_the_profile():
+    from pipelines.experiments.throughput import op_kind
+
+    assert [op_kind(f"aten::{name}") for name in ("convolution_backward", "mkldnn_convolution", "addmm",
+                                                  "_scaled_dot_product_flash_attention_for_cpu_backward",
+                                                  "native_group_norm_backward", "silu_backward", "_fused_adam_",
+                                                  "_foreach_lerp_", "normal_", "copy_", "add_", "expand", "view")] == [
+        "convolution", "convolution", "matmul", "attention", "normalization", "activation", "optimizer + EMA",
+        "optimizer + EMA", "random numbers", "copies, layout, resampling", "elementwise + reductions", "other",
+        "other"]
 
 
 def test_train_mode_rejects_bad_settings():
@@ -153,6 +179,8 @@ def test_train_mode_rejects_bad_settings():
 
     with pytest.raises(ValueError, match="modes"):
         TrainThroughputConfig(modes=("jit",))
+    with pytest.raises(ValueError, match="profiled-steps"):
+        TrainThroughputConfig(profiled_steps=-1)
     with pytest.raises(SystemExit) as exit_:
         run_main(load_script().main, ["train", "--modes", "jit"])
     assert exit_.value.code == 2

@@ -347,6 +347,7 @@ class TrainThroughputConfig(_BenchmarkRun):
     reader_latents: int = 4096  # latents written to temporary shards for the reader figure
     reader_batch_size: int = 256  # latents per reader batch
     reader_workers: tuple[int, ...] = (0, 2)  # DataLoader workers of each reader row (0: read in the process)
+    profiled_steps: int = 3  # eager steps of each workload run under torch.profiler (0: none): time by kind of op
     # Side of the square matmul that measures the machine's rate: 4096, as `throughput` (a 2048² one ran slower
     # here, 126.5 against 137.7-159.1 GFLOP/s, which flattered every fraction of it).
     matmul_size: int = 4096
@@ -362,8 +363,9 @@ class TrainThroughputConfig(_BenchmarkRun):
                      "reader_latents", "reader_batch_size", "matmul_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.warmup_steps < 0:
-            raise ValueError(f"warmup-steps must be >= 0, got {self.warmup_steps}")
+        for name in ("warmup_steps", "profiled_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         object.__setattr__(self, "reader_workers", tuple(self.reader_workers))
         if not self.reader_workers or min(self.reader_workers) < 0:
             raise ValueError(f"reader-workers must be one or more counts >= 0, got {list(self.reader_workers)}")
@@ -467,6 +469,63 @@ def _training_dit(name: str, latent_size: int, overrides: dict[str, Any]):
     return DiT.from_name(name, input_size=latent_size, in_channels=4, num_classes=1000, **overrides)
 
 
+# Kinds of op a profiled step's time is split into: the first pattern that matches an ATen op's name (without
+# "aten::") names its kind; anything else is "other".
+OP_KINDS: tuple[tuple[str, str], ...] = (
+    ("convolution", r"conv|mkldnn_convolution"),
+    ("matmul", r"^(mm|addmm|bmm|baddbmm|matmul|linear|addmv|mv)$"),
+    ("attention", r"attention"),
+    ("normalization", r"_norm"),
+    ("activation", r"silu|gelu|relu|sigmoid|tanh|softplus|softmax|elu"),
+    ("optimizer + EMA", r"adam|_foreach|lerp"),
+    ("random numbers", r"normal|uniform|bernoulli|rand|multinomial"),
+    ("copies, layout, resampling", r"copy|cat|clone|contiguous|pad|upsample|pool|pixel_|stack|index|gather|scatter"
+                                   r"|fill|zero|empty|resize|as_strided|_to_copy|flip|roll"),
+    ("elementwise + reductions", r"^(add|sub|rsub|mul|div|neg|pow|exp|log|sqrt|rsqrt|abs|clamp|clamp_min|sum|mean"
+                                 r"|var|var_mean|std|where|square|reciprocal|maximum|minimum|mse_loss|l1_loss|sign"
+                                 r"|lt|gt|eq|ne|le|ge|cos|sin|logical_and|logical_or|dropout)_?$"),
+)
+
+
+def op_kind(name: str) -> str:
+    """The kind (OP_KINDS) of an ATen op, e.g. "aten::convolution_backward" -> "convolution"."""
+    import re
+
+    bare = name.removeprefix("aten::")
+    return next((kind for kind, pattern in OP_KINDS if re.search(pattern, bare)), "other")
+
+
+def profile_steps(step: Callable[[], None], device: torch.device, steps: int, top: int = 12) -> dict[str, Any]:
+    """Where `steps` calls of `step` spend their time, by kind of op (`op_kind`) and by op: each ATen op's self time
+    (its device time on CUDA), per step. `unattributed_ms_per_step` is the wall time no op accounts for (Python,
+    autograd bookkeeping). The profiler's own overhead inflates small ops, so shares are approximate."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    synchronize(device)
+    with profile(activities=activities) as profiler:
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        synchronize(device)
+        wall = time.perf_counter() - start
+    by_op: dict[str, float] = {}
+    for event in profiler.key_averages():
+        if not event.key.startswith("aten::"):
+            continue  # wrappers (autograd nodes, Optimizer.step) and kernels: their time is in the ATen ops
+        micros = event.self_device_time_total if device.type == "cuda" else event.self_cpu_time_total
+        if micros > 0:
+            by_op[event.key] = by_op.get(event.key, 0.0) + micros / 1e3 / steps
+    kinds: dict[str, float] = {}
+    for name, ms in by_op.items():
+        kinds[op_kind(name)] = kinds.get(op_kind(name), 0.0) + ms
+    op_ms = sum(by_op.values())
+    return {"steps": steps, "wall_ms_per_step": 1e3 * wall / steps, "op_ms_per_step": op_ms,
+            "unattributed_ms_per_step": max(0.0, 1e3 * wall / steps - op_ms) if device.type != "cuda" else None,
+            "kinds_ms_per_step": dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
+            "top_ops_ms_per_step": dict(sorted(by_op.items(), key=lambda kv: -kv[1])[:top])}
+
+
 def shard_reader_rate(config: TrainThroughputConfig, say: Callable[..., None]) -> dict[str, Any]:
     """latents/s of `make_latent_loader` as the DiT trainer uses it (resampled, shuffled, random flip, posterior
     sample, normalised; one process) over shards of random 4×s×s latents in a temporary directory, with each
@@ -547,6 +606,7 @@ def _benchmark_training(config: TrainThroughputConfig) -> dict[str, Any]:
         "dit": lambda: dit_training_step(sized, device, precision),
     }
     rows: list[dict[str, Any]] = []
+    profiles: dict[str, dict[str, Any]] = {}
     for name, build in workloads.items():
         step, modules, what = build()
         step()  # warm-up (allocator, lazy initialisation) before the count
@@ -578,11 +638,15 @@ def _benchmark_training(config: TrainThroughputConfig) -> dict[str, Any]:
                 f"{achieved:.1f} GFLOP/s ({100 * row['matmul_fraction']:.0f}% of the matmul's {reference:.1f}, "
                 f"timed {before:.1f} before and {after:.1f} after)"
                 + (f", first step {compile_s:.1f} s" if compile_s is not None else ""), flush=True)
+            if mode == "eager" and sized.profiled_steps:  # before any compile replaces the modules' forwards
+                profiles[name] = profile_steps(step, device, sized.profiled_steps)
+                say(f"  {name} eager under the profiler, ms per step by kind of op: " + ", ".join(
+                    f"{kind} {ms:.1f}" for kind, ms in profiles[name]["kinds_ms_per_step"].items()), flush=True)
         del step, modules
         gc.collect()
     report = {"config": dataclasses.asdict(config), "sizes": dataclasses.asdict(sized), "machine": machine,
               "rows": rows, "compiled_over_eager": compiled_speedups(rows), "compile_skipped": skipped,
-              "reader": shard_reader_rate(sized, say),
+              "reader": shard_reader_rate(sized, say), "profiles": profiles,
               "note": "FLOPs counted by FlopCounterMode on one eager step (forward + backward: matmuls, "
                       "convolutions, attention); step = forward, backward, Adam, EMA; median of "
                       f"{sized.timed_steps} steps after {sized.warmup_steps} warm-up steps; each fraction is of the "
@@ -626,7 +690,30 @@ def train_markdown(report: dict[str, Any]) -> str:
               "| DataLoader workers | latents/s | first window |", "|---|---|---|"]
     lines += [f"| {row['num_workers']} | {row['latents_per_s']:.0f} | {row['first_window_latents_per_s']:.0f} |"
               for row in reader["rows"]]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + profile_markdown(report.get("profiles") or {})) + "\n"
+
+
+def profile_markdown(profiles: dict[str, dict[str, Any]]) -> list[str]:
+    """Lines of a table: ms per eager step and share of the ops' time, by kind of op, one column per workload."""
+    if not profiles:
+        return []
+    names = list(profiles)
+    kinds = sorted({kind for p in profiles.values() for kind in p["kinds_ms_per_step"]},
+                   key=lambda kind: -max(p["kinds_ms_per_step"].get(kind, 0.0) for p in profiles.values()))
+    steps = {p["steps"] for p in profiles.values()}
+    lines = ["", f"Where an eager step's time goes (torch.profiler over {'/'.join(map(str, sorted(steps)))} steps; "
+                 "ATen ops' self time in ms per step and share of all ops' time; the profiler slows small ops):", "",
+             "| kind of op | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+
+    def cell(profile: dict[str, Any], ms: float) -> str:
+        return f"{ms:.1f} ({100 * ms / profile['op_ms_per_step']:.0f}%)" if profile["op_ms_per_step"] else "–"
+
+    for kind in kinds:
+        lines.append(f"| {kind} | " + " | ".join(cell(profiles[n], profiles[n]["kinds_ms_per_step"].get(kind, 0.0))
+                                                 for n in names) + " |")
+    lines.append("| all ops / wall | " + " | ".join(
+        f"{profiles[n]['op_ms_per_step']:.1f} / {profiles[n]['wall_ms_per_step']:.1f}" for n in names) + " |")
+    return lines
 
 
 def write_train_report(report: dict[str, Any], directory: Path) -> None:
