@@ -170,7 +170,7 @@ def test_op_kinds_of_the_profile():
                                                   "native_group_norm_backward", "silu_backward", "_fused_adam_",
                                                   "_foreach_lerp_", "normal_", "copy_", "add_", "expand", "view")] == [
         "convolution", "convolution", "matmul", "attention", "normalization", "activation", "optimizer + EMA",
-        "optimizer + EMA", "random numbers", "copies, layout, resampling", "elementwise + reductions", "other",
+        "optimizer + EMA", "random numbers", "copies / layout / resampling", "elementwise + reductions", "other",
         "other"]
 
 

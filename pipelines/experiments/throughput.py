@@ -479,7 +479,7 @@ OP_KINDS: tuple[tuple[str, str], ...] = (
     ("activation", r"silu|gelu|relu|sigmoid|tanh|softplus|softmax|elu"),
     ("optimizer + EMA", r"adam|_foreach|lerp"),
     ("random numbers", r"normal|uniform|bernoulli|rand|multinomial"),
-    ("copies, layout, resampling", r"copy|cat|clone|contiguous|pad|upsample|pool|pixel_|stack|index|gather|scatter"
+    ("copies / layout / resampling", r"copy|cat|clone|contiguous|pad|upsample|pool|pixel_|stack|index|gather|scatter"
                                    r"|fill|zero|empty|resize|as_strided|_to_copy|flip|roll"),
     ("elementwise + reductions", r"^(add|sub|rsub|mul|div|neg|pow|exp|log|sqrt|rsqrt|abs|clamp|clamp_min|sum|mean"
                                  r"|var|var_mean|std|where|square|reciprocal|maximum|minimum|mse_loss|l1_loss|sign"
@@ -699,7 +699,8 @@ def profile_markdown(profiles: dict[str, dict[str, Any]]) -> list[str]:
         return []
     names = list(profiles)
     kinds = sorted({kind for p in profiles.values() for kind in p["kinds_ms_per_step"]},
-                   key=lambda kind: -max(p["kinds_ms_per_step"].get(kind, 0.0) for p in profiles.values()))
+                   key=lambda kind: -max(p["kinds_ms_per_step"].get(kind, 0.0) / (p["op_ms_per_step"] or 1)
+                                         for p in profiles.values()))  # the largest share in any workload first
     steps = {p["steps"] for p in profiles.values()}
     lines = ["", f"Where an eager step's time goes (torch.profiler over {'/'.join(map(str, sorted(steps)))} steps; "
                  "ATen ops' self time in ms per step and share of all ops' time; the profiler slows small ops):", "",
