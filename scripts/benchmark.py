@@ -72,8 +72,8 @@ def build_parser() -> ArgumentParser:
     train = commands.add_parser("train", help="training steps eager vs compiled, FLOP/s of matmul; shard reader",
                                 description="Training steps (tokenizer at the demo's sizes, with and without the "
                                             "perceptual net; a DiT), eager and compiled, FLOP/s against the "
-                                            "matmul rate timed right before and after each row's steps; the "
-                                            "latent-shard reader's latents/s.", epilog=parser.epilog)
+                                            "matmul rate timed right before each step; where an eager step's "
+                                            "time goes; the latent-shard reader's latents/s.", epilog=parser.epilog)
     add_config_file_argument(train)
     add_config_arguments(train, TrainThroughputConfig, skip=("device", "verbose"),
                          choices={"dit": list(DiT_models), "modes": COMPILE_MODES})

@@ -115,6 +115,20 @@ def matmul_gflops(size: int, device: torch.device, precision: str = "fp32", repe
     return 2 * size**3 / seconds / 1e9
 
 
+class MatmulProbe:
+    """Times one n×n @ n×n product at a time (operands allocated once), for references taken between steps."""
+
+    def __init__(self, size: int, device: torch.device, precision: str = "fp32"):
+        dtype = autocast_dtype(precision, device) or torch.float32
+        self.size, self.device = size, device
+        self.a = torch.randn(size, size, device=device, dtype=dtype)
+        self.b = torch.randn(size, size, device=device, dtype=dtype)
+        self.gflops()  # warm-up
+
+    def gflops(self) -> float:
+        return 2 * self.size**3 / time_call(lambda: self.a @ self.b, self.device, repeats=1, warmup=0) / 1e9
+
+
 def count_flops(fn: Callable[[], Any]) -> int:
     """FLOPs of one call as counted by PyTorch's FlopCounterMode (matmuls, convolutions, attention)."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -600,6 +614,7 @@ def _benchmark_training(config: TrainThroughputConfig) -> dict[str, Any]:
         f"{precision}, modes {modes}", flush=True)
     machine["matmul_gflops"] = matmul_gflops(sized.matmul_size, device, precision)
     say(f"  matmul {sized.matmul_size}² {precision}: {machine['matmul_gflops']:.1f} GFLOP/s", flush=True)
+    probe = MatmulProbe(sized.matmul_size, device, precision)
     workloads = {
         "tokenizer": lambda: tokenizer_training_step(sized, False, device, precision),
         "tokenizer+perceptual": lambda: tokenizer_training_step(sized, True, device, precision),
@@ -621,22 +636,27 @@ def _benchmark_training(config: TrainThroughputConfig) -> dict[str, Any]:
                 compile_s = time.perf_counter() - start
             for _ in range(sized.warmup_steps):
                 step()
-            # The reference is timed right before and right after this row's steps: a shared machine's speed
-            # drifts by 10-20% over minutes, and the fraction should compare the step with the machine as it was.
-            before = matmul_gflops(sized.matmul_size, device, precision, repeats=2)
-            seconds = time_call(step, device, repeats=sized.timed_steps, warmup=0)
-            after = matmul_gflops(sized.matmul_size, device, precision, repeats=2)
-            reference = (before + after) / 2
+            # Each timed step is paired with a matmul timed right before it, and the row's fraction is the median
+            # of the pairs' fractions: this shared machine's speed moves 10-20% within seconds, and pairs follow it
+            # more closely than one reference before and after all the steps (measured: the fractions of 7 runs
+            # of the tokenizer step spread over 7 points paired, 19 before/after).
+            rates, times = [], []
+            for _ in range(sized.timed_steps):
+                rates.append(probe.gflops())
+                times.append(time_call(step, device, repeats=1, warmup=0))
+            fractions = [flops / seconds / 1e9 / rate for seconds, rate in zip(times, rates)]
+            seconds, reference = statistics.median(times), statistics.median(rates)
             achieved = flops / seconds / 1e9
             row = {"workload": name, **what, "mode": mode, "precision": precision, "step_s": seconds,
                    "items_per_s": what["batch_size"] / seconds, "gflop_per_step": flops / 1e9,
-                   "achieved_gflops": achieved, "matmul_gflops": reference,
-                   "matmul_gflops_before_after": [before, after], "matmul_fraction": achieved / reference,
-                   "compile_s": compile_s, "timed_steps": sized.timed_steps}
+                   "achieved_gflops": achieved, "matmul_gflops": reference, "matmul_gflops_per_step": rates,
+                   "step_s_per_step": times, "matmul_fraction": statistics.median(fractions),
+                   "matmul_fraction_per_step": fractions, "compile_s": compile_s, "timed_steps": sized.timed_steps}
             rows.append(row)
             say(f"  {name} {mode}: {1e3 * seconds:.0f} ms/step, {row['items_per_s']:.3g} items/s, "
-                f"{achieved:.1f} GFLOP/s ({100 * row['matmul_fraction']:.0f}% of the matmul's {reference:.1f}, "
-                f"timed {before:.1f} before and {after:.1f} after)"
+                f"{achieved:.1f} GFLOP/s, {100 * row['matmul_fraction']:.0f}% of the matmul rate (median of "
+                f"{len(fractions)} step/matmul pairs, {100 * min(fractions):.0f}-{100 * max(fractions):.0f}%; matmul "
+                f"{min(rates):.1f}-{max(rates):.1f} GFLOP/s)"
                 + (f", first step {compile_s:.1f} s" if compile_s is not None else ""), flush=True)
             if mode == "eager" and sized.profiled_steps:  # before any compile replaces the modules' forwards
                 profiles[name] = profile_steps(step, device, sized.profiled_steps)
@@ -649,8 +669,8 @@ def _benchmark_training(config: TrainThroughputConfig) -> dict[str, Any]:
               "reader": shard_reader_rate(sized, say), "profiles": profiles,
               "note": "FLOPs counted by FlopCounterMode on one eager step (forward + backward: matmuls, "
                       "convolutions, attention); step = forward, backward, Adam, EMA; median of "
-                      f"{sized.timed_steps} steps after {sized.warmup_steps} warm-up steps; each fraction is of the "
-                      "mean of two matmul timings taken right before and right after the row's steps"}
+                      f"{sized.timed_steps} steps after {sized.warmup_steps} warm-up steps, each timed right after "
+                      "a matmul; a row's fraction is the median of its step/matmul pairs' fractions"}
     if config.output_dir:
         write_train_report(report, Path(config.output_dir))
     return report
@@ -669,7 +689,7 @@ def train_markdown(report: dict[str, Any]) -> str:
              f"{machine['precision']}; {machine['matmul_size']}² matmul: {machine['matmul_gflops']:.1f} GFLOP/s.",
              f"{report['note']}.", "",
              "| workload | model (params) | batch × shape | mode | step (ms) | items/s | GFLOP/step | GFLOP/s "
-             "(of matmul) | matmul GFLOP/s before / after | first step (s) |",
+             "(of matmul) | pairs' fractions | matmul GFLOP/s | first step (s) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
         first = f"{r['compile_s']:.1f}" if r["compile_s"] is not None else "–"
@@ -677,7 +697,8 @@ def train_markdown(report: dict[str, Any]) -> str:
             f"| {r['workload']} | {r['model']} ({r['params_m']:.3g}M) | {r['batch_size']} × "
             f"{'×'.join(map(str, r['shape']))} | {r['mode']} | {1e3 * r['step_s']:.0f} | {r['items_per_s']:.3g} | "
             f"{r['gflop_per_step']:.4g} | {r['achieved_gflops']:.4g} ({100 * r['matmul_fraction']:.0f}%) | "
-            f"{' / '.join(f'{g:.1f}' for g in r['matmul_gflops_before_after'])} | {first} |")
+            f"{_span(r['matmul_fraction_per_step'], 100, '%')} | {_span(r['matmul_gflops_per_step'], 1, '')} | "
+            f"{first} |")
     if report["compiled_over_eager"]:
         lines += ["", "| workload | eager / compiled step time |", "|---|---|"]
         lines += [f"| {name} | {ratio:.2f}× |" for name, ratio in report["compiled_over_eager"].items()]
@@ -691,6 +712,11 @@ def train_markdown(report: dict[str, Any]) -> str:
     lines += [f"| {row['num_workers']} | {row['latents_per_s']:.0f} | {row['first_window_latents_per_s']:.0f} |"
               for row in reader["rows"]]
     return "\n".join(lines + profile_markdown(report.get("profiles") or {})) + "\n"
+
+
+def _span(values: list[float], scale: float, unit: str) -> str:
+    low, high = scale * min(values), scale * max(values)
+    return f"{low:.0f}{unit}" if round(low) == round(high) else f"{low:.0f}-{high:.0f}{unit}"
 
 
 def profile_markdown(profiles: dict[str, dict[str, Any]]) -> list[str]:
