@@ -49,6 +49,7 @@ def test_quick_throughput_writes_json_and_markdown_with_every_component(tmp_path
     table = (out / "throughput.md").read_text()
     assert "extrapolated from 1 timed steps" in table and "16× / 8×" in table and "before and after" in table
     assert table.count("| 8x") == 4 and table.count("| 16x") == 4
+    assert_tables_are_rectangular(table)
 
 
 def test_default_precision_is_auto_and_each_measurement_prints_as_it_is_taken(tmp_path, capsys, monkeypatch):
@@ -148,6 +149,7 @@ def test_quick_train_mode_times_every_step_eager_and_compiled_and_the_reader(tmp
     assert reader["checksum_us_per_latent"] > 0 and reader["latent_shape"] == [4, 8, 8]
     table = (out / "train_throughput.md").read_text()
     assert "| pairs' fractions | matmul GFLOP/s |" in table
+    assert_tables_are_rectangular(table)
     assert "eager / compiled step time" in table and "latents/s" in table
     assert sum(line.startswith("| dit |") for line in table.splitlines()) == 3  # two rows and the ratio
     assert "| DataLoader workers |" in table and "\n| 1 | " in table
@@ -164,6 +166,13 @@ def test_quick_train_mode_times_every_step_eager_and_compiled_and_the_reader(tmp
     assert profiles["tokenizer"]["kinds_ms_per_step"]["convolution"] > 0
     assert profiles["dit"]["kinds_ms_per_step"]["matmul"] > 0
     assert "Where an eager step's time goes" in table and "\n| convolution | " in table
+
+
+def assert_tables_are_rectangular(markdown: str) -> None:
+    """Each markdown table's header, separator and rows have the same number of cells (else it renders broken)."""
+    for block in markdown.split("\n\n"):
+        cells = {line.count("|") for line in block.splitlines() if line.startswith("|")}
+        assert len(cells) <= 1, block
 
 
 def test_op_kinds_of_the_profile():

@@ -690,7 +690,7 @@ def train_markdown(report: dict[str, Any]) -> str:
              f"{report['note']}.", "",
              "| workload | model (params) | batch × shape | mode | step (ms) | items/s | GFLOP/step | GFLOP/s "
              "(of matmul) | pairs' fractions | matmul GFLOP/s | first step (s) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---" * 11 + "|"]
     for r in report["rows"]:
         first = f"{r['compile_s']:.1f}" if r["compile_s"] is not None else "–"
         lines.append(
