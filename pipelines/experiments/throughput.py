@@ -28,6 +28,7 @@ import gc
 import json
 import os
 import platform
+import re
 import statistics
 import time
 from dataclasses import dataclass
@@ -106,17 +107,9 @@ def time_call(fn: Callable[[], Any], device: torch.device, repeats: int = 1, war
     return statistics.median(times)
 
 
-def matmul_gflops(size: int, device: torch.device, precision: str = "fp32", repeats: int = 3) -> float:
-    """The machine's dense matmul rate: 2·n³ FLOPs of an n×n @ n×n product, in GFLOP/s."""
-    dtype = autocast_dtype(precision, device) or torch.float32
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    seconds = time_call(lambda: a @ b, device, repeats=repeats, warmup=1)
-    return 2 * size**3 / seconds / 1e9
-
-
 class MatmulProbe:
-    """Times one n×n @ n×n product at a time (operands allocated once), for references taken between steps."""
+    """The machine's dense matmul rate: 2·n³ FLOPs of an n×n @ n×n product, in GFLOP/s. The operands are allocated
+    (and one product run) once, so a probe can be timed again and again between steps."""
 
     def __init__(self, size: int, device: torch.device, precision: str = "fp32"):
         dtype = autocast_dtype(precision, device) or torch.float32
@@ -125,8 +118,14 @@ class MatmulProbe:
         self.b = torch.randn(size, size, device=device, dtype=dtype)
         self.gflops()  # warm-up
 
-    def gflops(self) -> float:
-        return 2 * self.size**3 / time_call(lambda: self.a @ self.b, self.device, repeats=1, warmup=0) / 1e9
+    def gflops(self, repeats: int = 1) -> float:
+        """The rate of the median of `repeats` timed products."""
+        return 2 * self.size**3 / time_call(lambda: self.a @ self.b, self.device, repeats=repeats, warmup=0) / 1e9
+
+
+def matmul_gflops(size: int, device: torch.device, precision: str = "fp32", repeats: int = 3) -> float:
+    """The matmul rate of a fresh `MatmulProbe`, timed `repeats` times after one warm-up product."""
+    return MatmulProbe(size, device, precision).gflops(repeats)
 
 
 def count_flops(fn: Callable[[], Any]) -> int:
@@ -503,8 +502,6 @@ OP_KINDS: tuple[tuple[str, str], ...] = (
 
 def op_kind(name: str) -> str:
     """The kind (OP_KINDS) of an ATen op, e.g. "aten::convolution_backward" -> "convolution"."""
-    import re
-
     bare = name.removeprefix("aten::")
     return next((kind for kind, pattern in OP_KINDS if re.search(pattern, bare)), "other")
 
@@ -532,7 +529,8 @@ def profile_steps(step: Callable[[], None], device: torch.device, steps: int, to
             by_op[event.key] = by_op.get(event.key, 0.0) + micros / 1e3 / steps
     kinds: dict[str, float] = {}
     for name, ms in by_op.items():
-        kinds[op_kind(name)] = kinds.get(op_kind(name), 0.0) + ms
+        kind = op_kind(name)
+        kinds[kind] = kinds.get(kind, 0.0) + ms
     op_ms = sum(by_op.values())
     return {"steps": steps, "wall_ms_per_step": 1e3 * wall / steps, "op_ms_per_step": op_ms,
             "unattributed_ms_per_step": max(0.0, 1e3 * wall / steps - op_ms) if device.type != "cuda" else None,
@@ -612,9 +610,9 @@ def _benchmark_training(config: TrainThroughputConfig) -> dict[str, Any]:
     machine = {**machine_facts(device), "precision": precision, "matmul_size": sized.matmul_size}
     say(f"training steps on {machine['device']} ({device.type}, {machine['threads']} threads), precision "
         f"{precision}, modes {modes}", flush=True)
-    machine["matmul_gflops"] = matmul_gflops(sized.matmul_size, device, precision)
+    probe = MatmulProbe(sized.matmul_size, device, precision)  # also the reference each timed step is paired with
+    machine["matmul_gflops"] = probe.gflops(repeats=3)
     say(f"  matmul {sized.matmul_size}² {precision}: {machine['matmul_gflops']:.1f} GFLOP/s", flush=True)
-    probe = MatmulProbe(sized.matmul_size, device, precision)
     workloads = {
         "tokenizer": lambda: tokenizer_training_step(sized, False, device, precision),
         "tokenizer+perceptual": lambda: tokenizer_training_step(sized, True, device, precision),
